@@ -1,0 +1,5 @@
+import sys
+
+from pathology.cli import main
+
+sys.exit(main())
