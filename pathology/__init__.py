@@ -12,8 +12,8 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from pathology.errors import MissingMppError, PathologyError  # noqa: E402
-from pathology.slide import SlideInfo, SlideReader, open_slide  # noqa: E402
+from pathology.errors import MissingMppError, PathologyError
+from pathology.slide import SlideInfo, SlideReader, open_slide
 
 __all__ = [
     "MissingMppError",

@@ -266,8 +266,12 @@ class OpenSlideReader(_ReaderBase):
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideError as exc:
-            raise CorruptSlideError(self.path, f"cannot be opened by OpenSlide ({_one_line(exc)})") from exc
-        except openslide.OpenSlideUnsupportedFormatError as exc:  # pragma: no cover - caught earlier
+            raise CorruptSlideError(
+                self.path, f"cannot be opened by OpenSlide ({_one_line(exc)})"
+            ) from exc
+        except (
+            openslide.OpenSlideUnsupportedFormatError
+        ) as exc:  # pragma: no cover - caught earlier
             raise NotASlideError(self.path, "not a format OpenSlide reads") from exc
         self._lock = threading.Lock()
         props = self._osr.properties
@@ -275,7 +279,9 @@ class OpenSlideReader(_ReaderBase):
             dims = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
             downs = tuple(float(d) for d in self._osr.level_downsamples)
         except Exception as exc:  # pragma: no cover - openslide validates on open
-            raise CorruptSlideError(self.path, f"unreadable level table ({_one_line(exc)})") from exc
+            raise CorruptSlideError(
+                self.path, f"unreadable level table ({_one_line(exc)})"
+            ) from exc
         if not dims or dims[0][0] <= 0 or dims[0][1] <= 0:
             raise CorruptSlideError(self.path, "slide has no pixels (level 0 is empty)")
 
@@ -326,18 +332,33 @@ class OpenSlideReader(_ReaderBase):
         import openslide
 
         if not 0 <= level < self.level_count:
-            raise ValueError(f"level {level} out of range 0..{self.level_count - 1} for {self.path}")
+            raise ValueError(
+                f"level {level} out of range 0..{self.level_count - 1} for {self.path}"
+            )
         try:
             region = self._osr.read_region(
                 (int(l0_xy[0]), int(l0_xy[1])), level, (int(size_px[0]), int(size_px[1]))
             )
         except openslide.OpenSlideError as exc:
+            # libopenslide makes errors sticky: every later read on this handle fails too. Reopen so one
+            # damaged tile costs one tile, not the rest of the slide.
+            self._reopen()
             raise TileReadError(
                 self.path,
                 f"cannot decode region at level-0 (x={l0_xy[0]}, y={l0_xy[1]}), level {level}, "
                 f"size {size_px[0]}x{size_px[1]} ({_one_line(exc)})",
             ) from exc
         return _rgba_to_rgb_on_white(np.asarray(region))
+
+    def _reopen(self) -> None:
+        import openslide
+
+        with self._lock:
+            try:
+                self._osr.close()
+            except Exception:  # pragma: no cover - closing a handle in error state
+                pass
+            self._osr = openslide.OpenSlide(str(self.path))
 
     def close(self) -> None:
         osr = getattr(self, "_osr", None)
@@ -419,10 +440,13 @@ def _check_override(path: Path, mpp: float) -> float:
     try:
         value = float(mpp)
     except (TypeError, ValueError):
-        raise MissingMppError(path, f"--mpp must be a number of microns per pixel, got {mpp!r}") from None
+        raise MissingMppError(
+            path, f"--mpp must be a number of microns per pixel, got {mpp!r}"
+        ) from None
     if not _mpp_ok(value):
         raise MissingMppError(
-            path, f"--mpp {value} is outside the plausible range {MPP_RANGE[0]}-{MPP_RANGE[1]} um/px"
+            path,
+            f"--mpp {value} is outside the plausible range {MPP_RANGE[0]}-{MPP_RANGE[1]} um/px",
         )
     return value
 
@@ -438,7 +462,9 @@ def _tiff_mpp(tif: object) -> tuple[float | None, str]:
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', ome)
         if m:
             value = float(m.group(1))
-            scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(unit.group(1) if unit else "µm", 1.0)
+            scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(
+                unit.group(1) if unit else "µm", 1.0
+            )
             value *= scale
             if _mpp_ok(value):
                 return value, "ome"
@@ -483,7 +509,9 @@ def _read_plain_image(path: Path, mpp: float | None) -> ArraySlide:
                         value = 25400.0 / float(dpi[0])
                         if _mpp_ok(value):
                             mpp_value, source = value, "image-dpi"
-                img = np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB"))
+                img = np.asarray(
+                    im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
+                )
     except Exception as exc:
         raise CorruptSlideError(path, f"image cannot be decoded ({_one_line(exc)})") from exc
     img = np.asarray(img)
@@ -513,7 +541,9 @@ def _sniff_image(path: Path) -> bool:
     )
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> OpenSlideReader | ArraySlide:
+def open_slide(
+    path: str | os.PathLike[str], mpp: float | None = None
+) -> OpenSlideReader | ArraySlide:
     """Open a whole-slide image or a plain image as a :class:`SlideReader`.
 
     Parameters
@@ -543,7 +573,9 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> OpenSl
         raise SlideNotFoundError(p, "no such file")
     if p.is_dir():
         # MRXS and DICOM are opened through a file inside the folder; a bare folder is not a slide.
-        raise SlideNotFoundError(p, "is a directory, not a slide file (for DICOM/MRXS give one file inside it)")
+        raise SlideNotFoundError(
+            p, "is a directory, not a slide file (for DICOM/MRXS give one file inside it)"
+        )
     if p.stat().st_size == 0:
         raise EmptySlideError(p, "file is empty (0 bytes); was the copy interrupted?")
     if mpp is not None:

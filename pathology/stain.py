@@ -116,7 +116,9 @@ H_DAB = StainMatrix(("haematoxylin", "dab"), (HAEMATOXYLIN, DAB))
 H_E = StainMatrix(("haematoxylin", "eosin"), (HAEMATOXYLIN, EOSIN))
 
 
-def rgb_to_od(rgb: NDArray[np.integer] | NDArray[np.floating], background: ArrayLike = _I0) -> NDArray[np.float32]:
+def rgb_to_od(
+    rgb: NDArray[np.integer] | NDArray[np.floating], background: ArrayLike = _I0
+) -> NDArray[np.float32]:
     """Optical density of transmitted light.
 
     Parameters

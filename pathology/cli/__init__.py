@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pathology {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0,
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
         help="more log output; -v also prints tracebacks on errors",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
