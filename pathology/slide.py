@@ -263,6 +263,7 @@ class OpenSlideReader(_ReaderBase):
         import openslide
 
         self.path = Path(path)
+        self._osr: openslide.OpenSlide | None
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideError as exc:
@@ -335,6 +336,8 @@ class OpenSlideReader(_ReaderBase):
             raise ValueError(
                 f"level {level} out of range 0..{self.level_count - 1} for {self.path}"
             )
+        if self._osr is None:
+            raise ValueError(f"{self.path}: reader is closed")
         try:
             region = self._osr.read_region(
                 (int(l0_xy[0]), int(l0_xy[1])), level, (int(size_px[0]), int(size_px[1]))
@@ -355,7 +358,8 @@ class OpenSlideReader(_ReaderBase):
 
         with self._lock:
             try:
-                self._osr.close()
+                if self._osr is not None:
+                    self._osr.close()
             except Exception:  # pragma: no cover - closing a handle in error state
                 pass
             self._osr = openslide.OpenSlide(str(self.path))

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from pathology.slide import SlideInfo
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "info",
         help="print a slide's dimensions, levels, mpp, objective and vendor (no patient data)",
