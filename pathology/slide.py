@@ -42,6 +42,7 @@ __all__ = [
     "SlideInfo",
     "SlideReader",
     "open_slide",
+    "read_downsampled",
 ]
 
 #: A pixel size outside this range (um/px) is treated as absent: 72-dpi defaults in TIFF/PNG
@@ -208,19 +209,14 @@ class _ReaderBase:
         raise NotImplementedError
 
     def get_thumbnail(self, max_size: tuple[int, int]) -> NDArray[np.uint8]:
-        """Whole slide downsampled to fit ``max_size`` (w, h), aspect kept, antialiased; (h, w, 3) uint8."""
-        from skimage.transform import resize
+        """Whole slide averaged down to fit within ``max_size`` (w, h), aspect kept; (h, w, 3) uint8.
 
+        Exact area means of whole pixel blocks of the best level (see :func:`read_downsampled`), read
+        in chunks, so memory stays bounded whatever the slide size.
+        """
         w0, h0 = self.dimensions
         ds = max(w0 / max_size[0], h0 / max_size[1], 1.0)
-        out_w, out_h = max(1, round(w0 / ds)), max(1, round(h0 / ds))
-        level = self.get_best_level_for_downsample(ds)
-        lw, lh = self.level_dimensions[level]
-        img = self.read_region((0, 0), level, (lw, lh))
-        if (lw, lh) == (out_w, out_h):
-            return img
-        small = resize(img, (out_h, out_w), order=1, anti_aliasing=True, preserve_range=True)
-        return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+        return read_downsampled(self, ds, round_up=True)[0]
 
     def close(self) -> None:
         pass
@@ -433,6 +429,64 @@ class ArraySlide(_ReaderBase):
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._image[y0:y1, x0:x1]
         return out
+
+
+def read_downsampled(
+    reader: SlideReader, downsample: float, *, round_up: bool = False
+) -> tuple[NDArray[np.uint8], tuple[float, float]]:
+    """The whole slide averaged down by about ``downsample``, read in chunks (bounded memory).
+
+    Reads the coarsest pyramid level not coarser than asked and averages blocks of ``k x k`` level
+    pixels (an exact area mean, so no aliasing of small dark specks into large ones).
+
+    Parameters
+    ----------
+    reader : SlideReader
+        An open slide.
+    downsample : float
+        Wanted level-0 pixels per thumbnail pixel (>= 1).
+    round_up : bool
+        Never average fewer level pixels than asked (the result then fits a size derived from
+        ``downsample``); by default the nearest whole block size is used.
+
+    Returns
+    -------
+    rgb : ndarray (h, w, 3) uint8
+        The thumbnail.
+    downsample_xy : (float, float)
+        Actual level-0 pixels per thumbnail pixel in x and y (close to ``downsample``).
+    """
+    w0, h0 = reader.level_dimensions[0]
+    ds = max(1.0, float(downsample))
+    level = reader.get_best_level_for_downsample(ds)
+    lw, lh = reader.level_dimensions[level]
+    level_ds = float(reader.level_downsamples[level])
+    k = max(1, math.ceil(ds / level_ds - 1e-9) if round_up else round(ds / level_ds))
+    out_w, out_h = -(-lw // k), -(-lh // k)
+    out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    chunk = k * max(1, 2048 // k)  # level pixels per read, a multiple of k
+    for y in range(0, lh, chunk):
+        for x in range(0, lw, chunk):
+            cw, ch = min(chunk, lw - x), min(chunk, lh - y)
+            region = reader.read_region((round(x * level_ds), round(y * level_ds)), level, (cw, ch))
+            block = _block_mean(region, k)
+            out[y // k : y // k + block.shape[0], x // k : x // k + block.shape[1]] = block
+    return out, (w0 / out_w, h0 / out_h)
+
+
+def _block_mean(img: NDArray[np.uint8], k: int) -> NDArray[np.uint8]:
+    """Mean of k x k blocks; partial blocks at the right/bottom edge average their real pixels only."""
+    if k == 1:
+        return np.ascontiguousarray(img[..., :3])
+    h, w = img.shape[:2]
+    hb, wb = -(-h // k), -(-w // k)
+    padded = np.zeros((hb * k, wb * k, 3), dtype=np.float64)
+    padded[:h, :w] = img[..., :3]
+    sums = padded.reshape(hb, k, wb, k, 3).sum(axis=(1, 3))
+    rows = np.minimum(k, h - np.arange(hb) * k)
+    cols = np.minimum(k, w - np.arange(wb) * k)
+    counts = (rows[:, None] * cols[None, :])[..., None]
+    return np.clip(np.rint(sums / counts), 0, 255).astype(np.uint8)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -16,14 +16,13 @@ from scipy import ndimage as ndi
 from pathology import open_slide
 from pathology.cli import main
 from pathology.errors import OutputExistsError
-from pathology.slide import ArraySlide
+from pathology.slide import ArraySlide, read_downsampled
 from pathology.stain import H_DAB, H_E, StainMatrix, rgb_to_od
 from pathology.tissue import (
     TissueMask,
     compute_tissue_mask,
     mask_downsample,
     overlay,
-    read_thumbnail,
     tissue_mask_from_rgb,
 )
 
@@ -298,10 +297,10 @@ def test_png_round_trip(tmp_path: Path) -> None:
         assert im.mode == "L" and set(np.unique(np.asarray(im))) == {0, 255}
 
 
-def test_read_thumbnail_is_an_area_mean() -> None:
+def test_read_downsampled_is_an_area_mean() -> None:
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (101, 67, 3), dtype=np.uint8)
-    thumb, ds_xy = read_thumbnail(ArraySlide(img), 4)
+    thumb, ds_xy = read_downsampled(ArraySlide(img), 4)
     assert thumb.shape == (26, 17, 3)
     assert ds_xy == pytest.approx((67 / 17, 101 / 26))
     assert np.array_equal(

@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from pathology.errors import OutputExistsError
-    from pathology.slide import open_slide
-    from pathology.tissue import compute_tissue_mask, mask_downsample, overlay, read_thumbnail
+    from pathology.slide import open_slide, read_downsampled
+    from pathology.tissue import compute_tissue_mask, mask_downsample, overlay
 
     outputs = [p for p in (args.out, args.overlay) if p is not None]
     if (
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         tm = compute_tissue_mask(reader, mask_mpp=args.mask_mpp)
         rgb = None
         if args.overlay is not None:
-            rgb, _ = read_thumbnail(reader, mask_downsample(reader, mask_mpp=args.mask_mpp))
+            rgb, _ = read_downsampled(reader, mask_downsample(reader, mask_mpp=args.mask_mpp))
 
     h, w = tm.shape
     dsx, dsy = tm.downsample_xy
