@@ -190,8 +190,8 @@ class _ReaderBase:
         if self.info.mpp is None:
             raise MissingMppError(
                 self.path,
-                "no pixel size (microns per pixel) recorded in the file; pass it with --mpp "
-                "(e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x) or open_slide(path, mpp=...)",
+                "no pixel size (microns per pixel) recorded in the file; pass the scan's pixel size with "
+                "--slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan, 0.5 for 20x) or open_slide(path, mpp=...)",
             )
         return self.info.mpp
 

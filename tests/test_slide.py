@@ -104,7 +104,7 @@ def test_mpp_override_and_missing_mpp(tmp_path: Path) -> None:
     with pytest.raises(MissingMppError) as err:
         _ = reader.mpp
     msg = str(err.value)
-    assert str(path) in msg and "--mpp" in msg and "\n" not in msg
+    assert str(path) in msg and "--slide-mpp" in msg and "\n" not in msg
     reader = open_slide(path, mpp=0.5)
     assert reader.mpp == 0.5 and reader.info.mpp_source == "override"
     with pytest.raises(MissingMppError, match="plausible"):

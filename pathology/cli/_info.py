@@ -22,7 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image file(s)")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel, overriding the file")
+    p.add_argument(
+        "--slide-mpp",
+        "--mpp",
+        dest="slide_mpp",
+        type=float,
+        default=None,
+        help="the scan's microns per pixel, overriding (or supplying) what the file records",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per slide (JSON Lines)")
     p.set_defaults(func=run)
 
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.slides:
         try:
-            with open_slide(path, mpp=args.mpp) as reader:
+            with open_slide(path, mpp=args.slide_mpp) as reader:
                 info = reader.info
         except PathologyError as exc:
             if len(args.slides) == 1:

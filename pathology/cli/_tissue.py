@@ -22,7 +22,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--overlay", type=Path, metavar="OVERLAY.png", help="write a review overlay here"
     )
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel, overriding the file")
+    p.add_argument(
+        "--slide-mpp",
+        "--mpp",
+        dest="slide_mpp",
+        type=float,
+        default=None,
+        help="the scan's microns per pixel, overriding (or supplying) what the file records",
+    )
     p.add_argument(
         "--mask-mpp",
         type=float,
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if path.exists() and not args.overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
 
-    with open_slide(args.slide, mpp=args.mpp) as reader:
+    with open_slide(args.slide, mpp=args.slide_mpp) as reader:
         tm = compute_tissue_mask(reader, mask_mpp=args.mask_mpp)
         rgb = None
         if args.overlay is not None:
