@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -212,6 +212,15 @@ class _ReaderBase:
     ) -> NDArray[np.uint8]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def read_region_reduced(
+        self, l0_xy: tuple[int, int], level: int, size_px: tuple[int, int], k: int
+    ) -> NDArray[np.uint8]:
+        """A region reduced by exact ``k x k`` block means: ``block_mean(read_region(...), k)``.
+
+        Readers override it when they can do it with fewer copies; the result is the same.
+        """
+        return block_mean(self.read_region(l0_xy, level, size_px), k)
+
     def get_thumbnail(self, max_size: tuple[int, int]) -> NDArray[np.uint8]:
         """Whole slide averaged down to fit within ``max_size`` (w, h), aspect kept; (h, w, 3) uint8.
 
@@ -242,14 +251,17 @@ class _ReaderBase:
 
 
 def _rgba_to_rgb_on_white(rgba: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """OpenSlide returns premultiplied-alpha RGBA; transparent = outside the scan = white glass."""
+    """Composite openslide-python's RGBA (straight, not premultiplied, alpha) on white glass.
+
+    Transparent pixels lie outside the scanned area: white is what glass looks like.
+    """
     rgb = rgba[..., :3]
     alpha = rgba[..., 3:4]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
-    # Premultiplied: out = rgb + (255 - alpha) for a white background.
-    out = rgb.astype(np.uint16) + (255 - alpha.astype(np.uint16))
-    return np.minimum(out, 255).astype(np.uint8)
+    a = alpha.astype(np.uint32)
+    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
 
 
 class OpenSlideReader(_ReaderBase):
@@ -330,6 +342,19 @@ class OpenSlideReader(_ReaderBase):
         ndarray (h, w, 3) uint8
             Areas outside the slide or the scanned region are white.
         """
+        return _rgba_to_rgb_on_white(np.asarray(self._read_pil(l0_xy, level, size_px)))
+
+    def read_region_reduced(
+        self, l0_xy: tuple[int, int], level: int, size_px: tuple[int, int], k: int
+    ) -> NDArray[np.uint8]:
+        """``block_mean(read_region(l0_xy, level, size_px), k)``, with fewer copies (the tiler's hot path)."""
+        image = self._read_pil(l0_xy, level, size_px)
+        if k == 1 or size_px[0] % k or size_px[1] % k or image.getextrema()[3][0] < 255:
+            return block_mean(_rgba_to_rgb_on_white(np.asarray(image)), k)
+        # Fully opaque: Pillow's box reduction straight on the RGBA buffer, then drop alpha.
+        return np.asarray(image.reduce(k))[..., :3].copy()
+
+    def _read_pil(self, l0_xy: tuple[int, int], level: int, size_px: tuple[int, int]) -> Any:
         import openslide
 
         if not 0 <= level < self.level_count:
@@ -351,7 +376,7 @@ class OpenSlideReader(_ReaderBase):
                 f"cannot decode region at level-0 (x={l0_xy[0]}, y={l0_xy[1]}), level {level}, "
                 f"size {size_px[0]}x{size_px[1]} ({_one_line(exc)})",
             ) from exc
-        return _rgba_to_rgb_on_white(np.asarray(region))
+        return region
 
     def _reopen(self) -> None:
         import openslide

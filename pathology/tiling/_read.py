@@ -90,9 +90,12 @@ def render_tile(
     """
     x, y, w, h = (int(v) for v in out_xywh)
     l0_xy, level_size, src_box = grid.level_region((x, y, w, h))
-    region = reader.read_region(l0_xy, grid.level, level_size)
     if grid.snapped:
-        return block_mean(region, int(grid.factor))
+        k = int(grid.factor)
+        if hasattr(reader, "read_region_reduced"):
+            return reader.read_region_reduced(l0_xy, grid.level, level_size, k)
+        return block_mean(reader.read_region(l0_xy, grid.level, level_size), k)
+    region = reader.read_region(l0_xy, grid.level, level_size)
     from PIL import Image
 
     # Antialiased reduction over the exact fractional box (Pillow widens the filter support by
