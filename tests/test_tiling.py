@@ -173,6 +173,19 @@ def test_store_layout_pixels_and_provenance(synth_svs: Path, tmp_path: Path) -> 
     assert store.is_complete()
 
 
+def test_store_is_a_valid_ome_ngff_image(synth_svs: Path, tmp_path: Path) -> None:
+    # The schema napari's OME-Zarr reader relies on (ome-zarr-models validates NGFF 0.5).
+    from ome_zarr_models.v05.image import Image
+
+    tile_slide(synth_svs, tmp_path / "ngff.zarr", target_mpp=1.0)
+    image = Image.from_zarr(zarr.open_group(tmp_path / "ngff.zarr", mode="r"))
+    assert image.attributes.ome.version == "0.5"
+    scales = [
+        d.coordinateTransformations[0].scale for d in image.attributes.ome.multiscales[0].datasets
+    ]
+    assert scales == [[1.0, 1.0, 1.0], [1.0, 2.0, 2.0], [1.0, 4.0, 4.0], [1.0, 8.0, 8.0]]
+
+
 def test_existing_stores_are_never_silently_replaced(
     synth_svs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
