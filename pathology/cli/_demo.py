@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         "size px",
         "tissue %",
         "tissue IoU",
+        "tiles",
         "true tumour cells",
         "true p16 %",
         "true CPS",
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r.width}x{r.height}",
             num(100 * r.tissue_fraction),
             num(r.tissue_iou, "{:.3f}"),
+            str(r.tissue_tiles),
             str(r.truth_tumor_cells),
             num(r.truth_p16_positive_pct),
             num(r.truth_cps),
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # Not a terminal (a log, CI): rich would wrap at 80 columns; a wider table stays readable.
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 140).print(table)
     print(
-        "Scoring (tiling, cell model, slide calls) is not built yet: the table shows the stages that exist."
+        "Scoring (cell model, slide calls) is not built yet: the table shows the stages that exist."
     )
-    print(f"Results: {out_dir}/demo.json; tissue masks: {out_dir}/<slide>/tissue.png")
+    print(f"Results: {out_dir}/demo.json; tissue masks and tile stores: {out_dir}/<slide>/")
     return 0
