@@ -82,7 +82,7 @@ def run_bench(
     target_mpp: float = 0.5,
     tile_px: int = 256,
     workers: int = 2,
-    scheduler: str = "threads",
+    scheduler: str = "processes",
     reader: str = "auto",
     work_dir: str | os.PathLike[str] | None = None,
     say: Callable[[str], None] = lambda msg: None,
@@ -111,7 +111,10 @@ def run_bench(
         slide_path = tmp / f"bench-{size_px}.svs"
         if not slide_path.exists():
             say(f"synthesising a {size_px} x {size_px} slide")
-            synthesize_slide(SynthParams.preset("p16_positive", width=size_px, height=size_px, seed=1), slide_path)
+            synthesize_slide(
+                SynthParams.preset("p16_positive", width=size_px, height=size_px, seed=1),
+                slide_path,
+            )
     else:
         slide_path = Path(slide)
     store = tmp / "bench.zarr"
@@ -121,8 +124,15 @@ def run_bench(
     # Tiling first: it plans the grid and finds the tissue tiles the decode baseline then reads.
     say("tiling")
     t0 = time.perf_counter()
-    result = tile_slide(slide_path, store, target_mpp=target_mpp, tile_px=tile_px, workers=workers,
-                        scheduler=scheduler, reader=reader)
+    result = tile_slide(
+        slide_path,
+        store,
+        target_mpp=target_mpp,
+        tile_px=tile_px,
+        workers=workers,
+        scheduler=scheduler,
+        reader=reader,
+    )
     t_tiling = time.perf_counter() - t0
     grid = result.grid
     from pathology.tiling import TileStore
@@ -150,8 +160,15 @@ def run_bench(
 
     say("decode baseline (OpenSlide)")
     t_decode = decode_all(ReaderSpec(str(slide_path), None, False))
-    bench = BenchResult(slide=slide_path.name, width=0, height=0, tile_px=tile_px, mpp=grid.mpp,
-                        workers=workers, tiles=len(boxes))
+    bench = BenchResult(
+        slide=slide_path.name,
+        width=0,
+        height=0,
+        tile_px=tile_px,
+        mpp=grid.mpp,
+        workers=workers,
+        tiles=len(boxes),
+    )
     with open_slide(slide_path) as r:
         bench.width, bench.height = r.dimensions
     n = len(boxes)

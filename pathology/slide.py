@@ -497,7 +497,9 @@ def read_downsampled(
     for y in range(0, lh, chunk):
         for x in range(0, lw, chunk):
             cw, ch = min(chunk, lw - x), min(chunk, lh - y)
-            region = _read_tolerant(reader, level, level_ds, (x, y), (cw, ch), step=k * max(1, 256 // k))
+            region = _read_tolerant(
+                reader, level, level_ds, (x, y), (cw, ch), step=k * max(1, 256 // k)
+            )
             block = block_mean(region, k)
             out[y // k : y // k + block.shape[0], x // k : x // k + block.shape[1]] = block
     return out, (w0 / out_w, h0 / out_h)

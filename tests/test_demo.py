@@ -30,7 +30,9 @@ def test_demo_runs_reuses_and_guards_foreign_folders(
     for r in results.values():
         assert r["tissue_iou"] >= 0.9, r
         assert (out / r["slide_id"] / "tissue.png").exists()
-        assert r["tissue_tiles"] > 10 and (out / r["slide_id"] / "tiles.zarr" / "zarr.json").exists()
+        assert (
+            r["tissue_tiles"] > 10 and (out / r["slide_id"] / "tiles.zarr" / "zarr.json").exists()
+        )
 
     # A rerun reuses the slides it made instead of synthesising them again.
     svs = out / "demo-p16.svs"

@@ -74,16 +74,25 @@ def test_svs_is_an_aperio_pyramid(p16_slide) -> None:
         assert "label" in pages[4].description and "macro" in pages[5].description
 
 
-@pytest.mark.parametrize(("mpp", "power", "size"), [(0.5, "20", (1000, 777)), (1.0, "10", (1024, 768))])
-def test_mpp_magnification_and_odd_sizes(tmp_path: Path, mpp: float, power: str, size: tuple) -> None:
+@pytest.mark.parametrize(
+    ("mpp", "power", "size"), [(0.5, "20", (1000, 777)), (1.0, "10", (1024, 768))]
+)
+def test_mpp_magnification_and_odd_sizes(
+    tmp_path: Path, mpp: float, power: str, size: tuple
+) -> None:
     w, h = size
-    slide = synthesize_slide(SynthParams.preset("ki67", width=w, height=h, mpp=mpp, artifacts=True),
-                             tmp_path / "k.svs")
+    slide = synthesize_slide(
+        SynthParams.preset("ki67", width=w, height=h, mpp=mpp, artifacts=True), tmp_path / "k.svs"
+    )
     with open_slide(slide.svs_path) as reader:
         assert reader.info.vendor == "aperio"
         assert reader.mpp == pytest.approx(mpp)
         assert reader.info.objective_power == float(power)
-        assert reader.level_dimensions == ((w, h), (-(-w // 4), -(-h // 4)), (-(-w // 16), -(-h // 16)))
+        assert reader.level_dimensions == (
+            (w, h),
+            (-(-w // 4), -(-h // 4)),
+            (-(-w // 16), -(-h // 16)),
+        )
         edge = reader.read_region((w - 8, h - 8), 0, (8, 8))
         assert edge.min() < 255  # the last partial tile holds real pixels
     ds = slide.truth.tissue_mask["downsample"]
@@ -146,15 +155,21 @@ def test_bands_skip_glass_without_changing_a_pixel() -> None:
 
     skipped = 0
     for artifacts, seed in ((False, 8), (True, 9)):
-        params = SynthParams.preset("pdl1_cps_ge20", width=2048, height=1024, tissue_fraction=0.15,
-                                    artifacts=artifacts, seed=seed)
+        params = SynthParams.preset(
+            "pdl1_cps_ge20",
+            width=2048,
+            height=1024,
+            tissue_fraction=0.15,
+            artifacts=artifacts,
+            seed=seed,
+        )
         scene = build_scene(params)
         tex = build_textures(scene)
         full = render_rgb(scene, tex, 0, 1024, 0, 2048)
         for y0 in range(0, 1024, 256):
             skipped += int((~active_tiles(scene, y0, y0 + 256, 0, 8, 256)).sum())
             band = render_band(scene, tex, y0, y0 + 256, 0, 8, 256)
-            np.testing.assert_array_equal(band, full[y0: y0 + 256])
+            np.testing.assert_array_equal(band, full[y0 : y0 + 256])
     assert skipped >= 10
 
 
@@ -182,10 +197,14 @@ def _recount(doc: dict) -> dict:
     n = len(tum)
     bins = [sum(v >= e for e in BIN_EDGES) for v in scored]
     out = {
-        "tumor_cells": n, "tumor_positive": len(pos_t), "immune_cells": len(imm),
+        "tumor_cells": n,
+        "tumor_positive": len(pos_t),
+        "immune_cells": len(imm),
         "h_score": sum(bins) / n * 100,
-        "weak_pct": 100 * sum(b == 1 for b in bins) / n, "pos_pct": 100 * len(pos_t) / n,
-        "cps": min(100.0, 100 * (len(pos_t) + len(pos_i)) / n), "immune_positive": len(pos_i),
+        "weak_pct": 100 * sum(b == 1 for b in bins) / n,
+        "pos_pct": 100 * len(pos_t) / n,
+        "cps": min(100.0, 100 * (len(pos_t) + len(pos_i)) / n),
+        "immune_positive": len(pos_i),
     }
     for c in cells:  # the per-cell flag follows the same rule
         if c["type"] == "fibroblast" or (marker != "pdl1" and c["type"] != "tumor"):
@@ -203,7 +222,10 @@ def test_slide_values_equal_the_rules_applied_to_the_cells(tmp_path: Path, prese
     v, r = doc["values"], _recount(doc)
     assert r["tumor_cells"] > 300
     assert (v["tumor_cells"], v["tumor_positive"], v["immune_cells"]) == (
-        r["tumor_cells"], r["tumor_positive"], r["immune_cells"])
+        r["tumor_cells"],
+        r["tumor_positive"],
+        r["immune_cells"],
+    )
     assert v["h_score"] == pytest.approx(r["h_score"], abs=1e-3)
     if params.marker == "p16":
         assert v["p16_positive_pct"] == pytest.approx(r["pos_pct"], abs=1e-3)
@@ -225,14 +247,21 @@ def test_slide_values_equal_the_rules_applied_to_the_cells(tmp_path: Path, prese
 PRESET_CHECKS = {
     "p16_positive": lambda v: v.p16_positive_pct >= 70 and v.call == "positive",
     "p16_equivocal": lambda v: 50 <= v.p16_positive_pct < 70 and v.call == "equivocal",
-    "p16_negative": lambda v: v.p16_positive_pct < 50 and v.p16_positive_pct + v.p16_weak_pct < 70
-    and v.call == "negative",
-    "p16_weak_diffuse": lambda v: v.p16_positive_pct < 50 and v.p16_weak_pct >= 60 and v.call == "equivocal",
+    "p16_negative": lambda v: (
+        v.p16_positive_pct < 50
+        and v.p16_positive_pct + v.p16_weak_pct < 70
+        and v.call == "negative"
+    ),
+    "p16_weak_diffuse": lambda v: (
+        v.p16_positive_pct < 50 and v.p16_weak_pct >= 60 and v.call == "equivocal"
+    ),
     "p16_borderline": lambda v: v.p16_positive_pct >= 70 and v.call == "positive",
     "pdl1_cps_lt1": lambda v: v.cps < 1 and v.call == "<1",
     "pdl1_cps_1_19": lambda v: 1 <= v.cps < 20 and v.call == "1-19",
     "pdl1_cps_ge20": lambda v: v.cps >= 20 and v.call == ">=20",
-    "pdl1_few_tumor": lambda v: 0 < v.tumor_cells < 100 and not v.evaluable and v.call == "not_evaluable",
+    "pdl1_few_tumor": lambda v: (
+        0 < v.tumor_cells < 100 and not v.evaluable and v.call == "not_evaluable"
+    ),
     "ki67": lambda v: abs(v.ki67_pct - 35) < 1,
 }
 
@@ -261,7 +290,9 @@ def test_presets_land_in_their_bins(preset: str, size: int, mpp: float, seed: in
 
 
 def test_pdl1_patterns_partial_complete_and_decoys() -> None:
-    truth = synthesize_truth(SynthParams.preset("pdl1_cps_ge20", width=2048, mpp=0.5, decoy_fraction=0.05))
+    truth = synthesize_truth(
+        SynthParams.preset("pdl1_cps_ge20", width=2048, mpp=0.5, decoy_fraction=0.05)
+    )
     tum = [c for c in truth.cells if c.type == "tumor"]
     pos = [c for c in tum if c.positive]
     complete = [c for c in pos if c.membrane_coverage == 1.0]
@@ -276,8 +307,9 @@ def test_pdl1_patterns_partial_complete_and_decoys() -> None:
 
 
 def test_rendered_dab_matches_the_truth() -> None:
-    r = render_region(SynthParams.preset("p16_positive", width=1024, height=1024, blur_um=0.2, noise=0.0,
-                                         seed=4))
+    r = render_region(
+        SynthParams.preset("p16_positive", width=1024, height=1024, blur_um=0.2, noise=0.0, seed=4)
+    )
     conc = _unmix(r.rgb, r.truth)
     dab = conc[..., 1]
     checked = 0
@@ -295,8 +327,17 @@ def test_rendered_dab_matches_the_truth() -> None:
         checked += 1
     assert checked >= 20
 
-    r = render_region(SynthParams.preset("pdl1_cps_ge20", width=1024, height=1024, blur_um=0.2, noise=0.0,
-                                         complete_membrane_fraction=1.0, seed=4))
+    r = render_region(
+        SynthParams.preset(
+            "pdl1_cps_ge20",
+            width=1024,
+            height=1024,
+            blur_um=0.2,
+            noise=0.0,
+            complete_membrane_fraction=1.0,
+            seed=4,
+        )
+    )
     dab = _unmix(r.rgb, r.truth)[..., 1]
     ring = [c for c in r.truth.cells if c.type == "tumor" and c.positive]
     assert len(ring) >= 10
@@ -313,15 +354,22 @@ def test_nucleus_size_is_true_in_microns() -> None:
     """Dark blobs in the haematoxylin channel have the same area in um^2 at 0.25 and 0.5 um/px."""
     medians = {}
     for mpp, size in ((0.25, 2048), (0.5, 1024)):
-        rgb, truth = synthesize_region(SynthParams.preset("p16_negative", width=size, mpp=mpp, seed=11))
+        rgb, truth = synthesize_region(
+            SynthParams.preset("p16_negative", width=size, mpp=mpp, seed=11)
+        )
         hema = _unmix(rgb, truth)[..., 0]
         blobs, _ = ndi.label(hema > 0.35)
         sizes = np.bincount(blobs.ravel())
-        areas = [sizes[blobs[int(c.y), int(c.x)]] * mpp * mpp for c in truth.cells
-                 if c.type == "lymphocyte" and blobs[int(c.y), int(c.x)]]
+        areas = [
+            sizes[blobs[int(c.y), int(c.x)]] * mpp * mpp
+            for c in truth.cells
+            if c.type == "lymphocyte" and blobs[int(c.y), int(c.x)]
+        ]
         assert len(areas) > 30
         medians[mpp] = float(np.median(areas))
-        truth_median = np.median([c.nucleus_area_um2 for c in truth.cells if c.type == "lymphocyte"])
+        truth_median = np.median(
+            [c.nucleus_area_um2 for c in truth.cells if c.type == "lymphocyte"]
+        )
         assert medians[mpp] == pytest.approx(truth_median, rel=0.2)
         assert 6.0 <= 2 * np.sqrt(medians[mpp] / np.pi) <= 8.0  # lymphocyte nucleus ~7 um
     assert medians[0.25] == pytest.approx(medians[0.5], rel=0.1)
@@ -336,7 +384,9 @@ def test_tissue_mask_excludes_glass_and_artifacts(p16_slide) -> None:
     assert mask.mean() == pytest.approx(truth.tissue_mask["tissue_fraction"], abs=1e-3)
     assert 0.25 < mask.mean() < params.tissue_fraction
     rgb = tifffile.imread(slide.svs_path, key=0)
-    small = rgb[: mask.shape[0] * ds, : mask.shape[1] * ds].reshape(mask.shape[0], ds, mask.shape[1], ds, 3)
+    small = rgb[: mask.shape[0] * ds, : mask.shape[1] * ds].reshape(
+        mask.shape[0], ds, mask.shape[1], ds, 3
+    )
     small = small.mean(axis=(1, 3))
     od = rgb_to_od(small.astype(np.float32), truth.background_rgb).sum(-1)
     # Glass is clear, the border strip black: both outside the mask. Tissue absorbs, but palely.
@@ -376,21 +426,37 @@ def test_presets_and_explicit_stain_vectors() -> None:
     assert p.positive_fraction == 0.85 and p.width == p.height == 512
     t = synthesize_truth(p)
     assert t.stains["dab"] == pytest.approx(np.array(DAB) / np.linalg.norm(DAB), abs=1e-6)
-    assert t.stains["haematoxylin"] == pytest.approx(np.array(HAEMATOXYLIN) / np.linalg.norm(HAEMATOXYLIN),
-                                                     abs=1e-6)
+    assert t.stains["haematoxylin"] == pytest.approx(
+        np.array(HAEMATOXYLIN) / np.linalg.norm(HAEMATOXYLIN), abs=1e-6
+    )
     t2 = synthesize_truth(p.replace(stain_vectors=((0.6, 0.75, 0.3), (0.3, 0.6, 0.75))))
-    assert t2.stains["dab"] == pytest.approx(np.array([0.3, 0.6, 0.75]) / np.linalg.norm([0.3, 0.6, 0.75]),
-                                             abs=1e-6)
+    assert t2.stains["dab"] == pytest.approx(
+        np.array([0.3, 0.6, 0.75]) / np.linalg.norm([0.3, 0.6, 0.75]), abs=1e-6
+    )
 
 
 def test_cli_writes_refuses_to_overwrite_and_reports_bad_params(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli.svs"
-    args = ["synth", str(out), "--preset", "pdl1_cps_1_19", "--size", "1536x1024", "--mpp", "0.5",
-            "--seed", "3"]
+    args = [
+        "synth",
+        str(out),
+        "--preset",
+        "pdl1_cps_1_19",
+        "--size",
+        "1536x1024",
+        "--mpp",
+        "0.5",
+        "--seed",
+        "3",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "CPS" in printed and "call 1-19" in printed
-    assert out.exists() and (tmp_path / "cli.truth.json").exists() and (tmp_path / "cli.tissue.png").exists()
+    assert (
+        out.exists()
+        and (tmp_path / "cli.truth.json").exists()
+        and (tmp_path / "cli.tissue.png").exists()
+    )
     before = out.read_bytes()
 
     assert main(args) == 2

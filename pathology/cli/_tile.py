@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scheduler",
         choices=("threads", "processes", "sync"),
-        default="threads",
-        help="Dask scheduler (default threads)",
+        default="processes",
+        help="Dask scheduler (default processes: zarr encodes on one thread per process, so processes scale)",
     )
     p.add_argument(
         "--reader",

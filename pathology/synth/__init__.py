@@ -51,10 +51,19 @@ __all__ = [
 # Resolved on first use, so ``pathology --help`` (which only needs the preset names from
 # ``_params``) does not import scipy and the renderer.
 _WHERE = {
-    "RegionRender": "_api", "SynthSlide": "_api", "render_region": "_api",
-    "synthesize_region": "_api", "synthesize_slide": "_api", "synthesize_truth": "_api",
-    "PRESETS": "_params", "SynthParams": "_params", "FAKE_PHI": "_svs",
-    "CellTruth": "_truth", "SlideValues": "_truth", "SynthTruth": "_truth", "load_truth": "_truth",
+    "RegionRender": "_api",
+    "SynthSlide": "_api",
+    "render_region": "_api",
+    "synthesize_region": "_api",
+    "synthesize_slide": "_api",
+    "synthesize_truth": "_api",
+    "PRESETS": "_params",
+    "SynthParams": "_params",
+    "FAKE_PHI": "_svs",
+    "CellTruth": "_truth",
+    "SlideValues": "_truth",
+    "SynthTruth": "_truth",
+    "load_truth": "_truth",
 }
 
 

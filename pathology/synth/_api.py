@@ -27,8 +27,15 @@ from pathology.synth._render import (
 from pathology.synth._svs import TILE, downsample4, encode_tiles, tile_rows_for, write_svs
 from pathology.synth._truth import SlideValues, SynthTruth, cells_from_arrays, score_cells
 
-__all__ = ["RegionRender", "SynthSlide", "output_paths", "render_region", "synthesize_region",
-           "synthesize_slide", "synthesize_truth"]
+__all__ = [
+    "RegionRender",
+    "SynthSlide",
+    "output_paths",
+    "render_region",
+    "synthesize_region",
+    "synthesize_slide",
+    "synthesize_truth",
+]
 
 #: Largest image :func:`synthesize_region` renders in one piece (use a slide beyond that).
 MAX_REGION_PX = 6000 * 6000
@@ -108,21 +115,38 @@ def _truth(scene: Scene, tissue_file: str | None) -> SynthTruth:
     p, c, look = scene.params, scene.cells, scene.look
     st = c.stain
     # Round once, in float64, and score the very numbers the JSON will hold.
-    nuc, cyt, mem, cov = (np.round(a.astype(np.float64), 4) for a in
-                          (st.nucleus, st.cytoplasm, st.membrane, st.coverage))
+    nuc, cyt, mem, cov = (
+        np.round(a.astype(np.float64), 4)
+        for a in (st.nucleus, st.cytoplasm, st.membrane, st.coverage)
+    )
     positive, values = score_cells(p.marker, c.type, nuc, cyt, mem, cov)
-    cells = cells_from_arrays(c.ix + 0.5, c.iy + 0.5, c.type, nuc, cyt, mem, cov, c.area_um2, positive)
+    cells = cells_from_arrays(
+        c.ix + 0.5, c.iy + 0.5, c.type, nuc, cyt, mem, cov, c.area_um2, positive
+    )
     mask = scene.tissue_mask
     return SynthTruth(
-        params=p.to_dict(), width=p.size[0], height=p.size[1], mpp=p.mpp, marker=p.marker,
+        params=p.to_dict(),
+        width=p.size[0],
+        height=p.size[1],
+        mpp=p.mpp,
+        marker=p.marker,
         objective_power=p.objective_power,
         background_rgb=_rounded(look.background_rgb, 3),
-        stains={"haematoxylin": _rounded(look.stain_h, 6), "dab": _rounded(look.stain_dab, 6),
-                "background": _rounded(look.stain_neutral, 6)},
-        values=values, cells=cells,
-        tissue_mask={"file": tissue_file, "downsample": scene.fields.ds, "width": mask.shape[1],
-                     "height": mask.shape[0], "tissue_fraction": round(float(mask.mean()), 4),
-                     "excludes": ["glass", "pen", "dust", "border"]},
+        stains={
+            "haematoxylin": _rounded(look.stain_h, 6),
+            "dab": _rounded(look.stain_dab, 6),
+            "background": _rounded(look.stain_neutral, 6),
+        },
+        values=values,
+        cells=cells,
+        tissue_mask={
+            "file": tissue_file,
+            "downsample": scene.fields.ds,
+            "width": mask.shape[1],
+            "height": mask.shape[0],
+            "tissue_fraction": round(float(mask.mean()), 4),
+            "excludes": ["glass", "pen", "dust", "border"],
+        },
         generator=f"pathology {__version__}",
     )
 
@@ -142,8 +166,10 @@ def render_region(params: SynthParams) -> RegionRender:
     """
     w, h = params.size
     if w * h > MAX_REGION_PX:
-        raise ConfigError(f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
-                          "use synthesize_slide to stream it to an SVS")
+        raise ConfigError(
+            f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
+            "use synthesize_slide to stream it to an SVS"
+        )
     scene = build_scene(params)
     tex = build_textures(scene)
     maps = render_maps(scene, tex, 0, h, 0, w)
@@ -151,9 +177,14 @@ def render_region(params: SynthParams) -> RegionRender:
     k = maps.halo
     crop = (slice(k, k + h), slice(k, k + w))
     return RegionRender(
-        rgb=rgb, cell_labels=maps.cell_labels[crop].copy(), nucleus_labels=maps.nucleus_labels[crop].copy(),
-        membrane=maps.membrane[crop].copy(), od_h=maps.od_h[crop].copy(), od_dab=maps.od_dab[crop].copy(),
-        tissue=maps.alpha[crop] > 0.5, truth=_truth(scene, None),
+        rgb=rgb,
+        cell_labels=maps.cell_labels[crop].copy(),
+        nucleus_labels=maps.nucleus_labels[crop].copy(),
+        membrane=maps.membrane[crop].copy(),
+        od_h=maps.od_h[crop].copy(),
+        od_dab=maps.od_dab[crop].copy(),
+        tissue=maps.alpha[crop] > 0.5,
+        truth=_truth(scene, None),
     )
 
 
@@ -170,19 +201,24 @@ def synthesize_region(params: SynthParams) -> tuple[NDArray[np.uint8], SynthTrut
     """
     w, h = params.size
     if w * h > MAX_REGION_PX:
-        raise ConfigError(f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
-                          "use synthesize_slide to stream it to an SVS")
+        raise ConfigError(
+            f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
+            "use synthesize_slide to stream it to an SVS"
+        )
     scene = build_scene(params)
     return render_rgb(scene, build_textures(scene), 0, h, 0, w), _truth(scene, None)
 
 
-def _band_job(scene: Scene, tex: Textures, y0: int, rows: int, width_px: int,
-              quality: int) -> tuple[list[bytes], NDArray[np.uint8]]:
+def _band_job(
+    scene: Scene, tex: Textures, y0: int, rows: int, width_px: int, quality: int
+) -> tuple[list[bytes], NDArray[np.uint8]]:
     rgb = render_band(scene, tex, y0, y0 + rows, 0, width_px // TILE, TILE)
     return encode_tiles(rgb, quality), downsample4(rgb)
 
 
-def _bands(scene: Scene, tex: Textures, workers: int) -> Iterator[tuple[list[bytes], NDArray[np.uint8]]]:
+def _bands(
+    scene: Scene, tex: Textures, workers: int
+) -> Iterator[tuple[list[bytes], NDArray[np.uint8]]]:
     """Bands of whole tile rows, rendered and encoded by ``workers`` threads, yielded in order.
 
     At most ``workers + 1`` bands are in flight, which bounds memory at any slide size.
@@ -197,16 +233,28 @@ def _bands(scene: Scene, tex: Textures, workers: int) -> Iterator[tuple[list[byt
         pending: deque[Future[tuple[list[bytes], NDArray[np.uint8]]]] = deque()
         it = iter(starts)
         for y0 in it:
-            pending.append(pool.submit(_band_job, scene, tex, y0, min(rows, height_px - y0), width_px,
-                                       p.jpeg_quality))
+            pending.append(
+                pool.submit(
+                    _band_job, scene, tex, y0, min(rows, height_px - y0), width_px, p.jpeg_quality
+                )
+            )
             if len(pending) > workers:
                 break
         while pending:
             result = pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_band_job, scene, tex, nxt, min(rows, height_px - nxt),
-                                           width_px, p.jpeg_quality))
+                pending.append(
+                    pool.submit(
+                        _band_job,
+                        scene,
+                        tex,
+                        nxt,
+                        min(rows, height_px - nxt),
+                        width_px,
+                        p.jpeg_quality,
+                    )
+                )
             yield result
 
 
@@ -256,7 +304,9 @@ def synthesize_slide(
     if not overwrite:
         for q in (svs, truth_path, tissue_path):
             if q.exists():
-                raise OutputExistsError(f"{q}: already exists; pass --overwrite (overwrite=True) to replace it")
+                raise OutputExistsError(
+                    f"{q}: already exists; pass --overwrite (overwrite=True) to replace it"
+                )
     svs.parent.mkdir(parents=True, exist_ok=True)
     scene = build_scene(params)
     tex = build_textures(scene)
@@ -273,10 +323,17 @@ def synthesize_slide(
     # looks complete.
     tmp_svs = svs.with_name(svs.name + ".partial")
     try:
-        levels = write_svs(tmp_svs, size=params.size, mpp=params.mpp, quality=params.jpeg_quality,
-                           bands=_bands(scene, tex, n_workers), marker=params.marker, seed=params.seed,
-                           extra_description={"Synthetic": f"pathology.synth seed {params.seed}"},
-                           on_band=tick)
+        levels = write_svs(
+            tmp_svs,
+            size=params.size,
+            mpp=params.mpp,
+            quality=params.jpeg_quality,
+            bands=_bands(scene, tex, n_workers),
+            marker=params.marker,
+            seed=params.seed,
+            extra_description={"Synthetic": f"pathology.synth seed {params.seed}"},
+            on_band=tick,
+        )
         truth = _truth(scene, tissue_path.name)
         mask = (scene.tissue_mask * np.uint8(255)).astype(np.uint8)
         Image.fromarray(mask).save(tissue_path)
@@ -285,5 +342,6 @@ def synthesize_slide(
     finally:
         if tmp_svs.exists():
             tmp_svs.unlink()
-    return SynthSlide(svs, truth_path, tissue_path, truth.values, truth, levels,
-                      time.perf_counter() - t0)
+    return SynthSlide(
+        svs, truth_path, tissue_path, truth.values, truth, levels, time.perf_counter() - t0
+    )

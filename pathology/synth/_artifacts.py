@@ -68,7 +68,9 @@ class Artifacts:
     border: tuple[str, int] | None
     inks: tuple[str, ...]
 
-    def extra_od(self, ds: int, size: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> F32 | None:
+    def extra_od(
+        self, ds: int, size: tuple[int, int], y0: int, y1: int, x0: int, x1: int
+    ) -> F32 | None:
         """Artifact OD (h, w, 3) float32 for level-0 rectangle ``[y0, y1) x [x0, x1)``, or None."""
         if self.pen_od is None and not self.specks and self.border is None:
             return None
@@ -83,7 +85,7 @@ class Artifacts:
             ya, yb, xa, xb = s.iy - r - y0, s.iy + r + 1 - y0, s.ix - r - x0, s.ix + r + 1 - x0
             ca, cb, da, db = max(ya, 0), min(yb, h), max(xa, 0), min(xb, w)
             if ca < cb and da < db:
-                dust[ca:cb, da:db] += s.amount[ca - ya: cb - ya, da - xa: db - xa]
+                dust[ca:cb, da:db] += s.amount[ca - ya : cb - ya, da - xa : db - xa]
         out += dust[..., None] * _unit(_DUST)
         if self.border is not None:
             edge, width = self.border
@@ -102,8 +104,11 @@ class Artifacts:
         return out
 
 
-def _stroke(rng: np.random.Generator, centre: tuple[float, float], span: tuple[float, float],
-            ) -> NDArray[np.float64]:
+def _stroke(
+    rng: np.random.Generator,
+    centre: tuple[float, float],
+    span: tuple[float, float],
+) -> NDArray[np.float64]:
     """Points (k, 2) in um along one pen stroke: an arc around the tissue or a tick mark."""
     cy, cx = centre
     H, W = span
@@ -118,10 +123,12 @@ def _stroke(rng: np.random.Generator, centre: tuple[float, float], span: tuple[f
     length = rng.uniform(0.1, 0.3) * min(H, W)
     t = np.linspace(0, 1, 300)
     bend = rng.uniform(-0.15, 0.15) * length * np.sin(math.pi * t)
-    return np.column_stack([
-        y0 + t * length * math.sin(ang) + bend * math.cos(ang),
-        x0 + t * length * math.cos(ang) - bend * math.sin(ang),
-    ])
+    return np.column_stack(
+        [
+            y0 + t * length * math.sin(ang) + bend * math.cos(ang),
+            x0 + t * length * math.cos(ang) - bend * math.sin(ang),
+        ]
+    )
 
 
 def build_artifacts(params: SynthParams, f: Fields, rng: np.random.Generator) -> Artifacts:
@@ -171,7 +178,9 @@ def build_artifacts(params: SynthParams, f: Fields, rng: np.random.Generator) ->
         ax = np.arange(-rp, rp + 1) * mpp
         yy, xx = ax[:, None], ax[None, :]
         phi = np.arctan2(yy, xx)
-        rad = r_um * (1 + sum(rng.uniform(0, 0.15) * np.cos(m * phi + rng.uniform(0, 6)) for m in (2, 3, 5)))
+        rad = r_um * (
+            1 + sum(rng.uniform(0, 0.15) * np.cos(m * phi + rng.uniform(0, 6)) for m in (2, 3, 5))
+        )
         d = np.hypot(yy, xx)
         amt = np.clip((rad - d) / max(0.6, 0.15 * r_um), 0, 1) * rng.uniform(0.8, 2.0)
         specks.append(Speck(iy, ix, amt.astype(np.float32), r_um))
@@ -196,4 +205,6 @@ def build_artifacts(params: SynthParams, f: Fields, rng: np.random.Generator) ->
         border_mask[cy_px < width, :] = True
     else:
         border_mask[cy_px >= H - width, :] = True
-    return Artifacts(pen, pen_mask | dust_mask | border_mask, tuple(specks), (edge, width), tuple(inks))
+    return Artifacts(
+        pen, pen_mask | dust_mask | border_mask, tuple(specks), (edge, width), tuple(inks)
+    )

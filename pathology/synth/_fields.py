@@ -40,8 +40,12 @@ def _gauss_matrix(pos_um: NDArray[np.floating], scale_um: float) -> tuple[NDArra
     return w, n
 
 
-def smooth_field(rng: np.random.Generator, y_um: NDArray[np.floating], x_um: NDArray[np.floating],
-                 scale_um: float) -> F32:
+def smooth_field(
+    rng: np.random.Generator,
+    y_um: NDArray[np.floating],
+    x_um: NDArray[np.floating],
+    scale_um: float,
+) -> F32:
     """Zero-mean, unit-variance smooth random field with feature size ~``scale_um``.
 
     Parameters
@@ -135,8 +139,9 @@ class Fields:
         return h, w
 
 
-def build_fields(params: SynthParams, rng: np.random.Generator, *, stroma_h: float,
-                 cell_area_um2: float) -> Fields:
+def build_fields(
+    params: SynthParams, rng: np.random.Generator, *, stroma_h: float, cell_area_um2: float
+) -> Fields:
     """Tissue, nests and stroma fields for ``params``.
 
     Parameters
@@ -170,7 +175,9 @@ def build_fields(params: SynthParams, rng: np.random.Generator, *, stroma_h: flo
     inside = (ndi.distance_transform_edt(tissue) * gum).astype(np.float32)
 
     # Tumour nests: islands of ~50-150 um inside the tissue, covering tumor_fraction of it.
-    nf = smooth_field(rng, y_um, x_um, min(160.0, 0.4 * span)) + 0.45 * smooth_field(rng, y_um, x_um, 45.0)
+    nf = smooth_field(rng, y_um, x_um, min(160.0, 0.4 * span)) + 0.45 * smooth_field(
+        rng, y_um, x_um, 45.0
+    )
     deep = inside >= 12.0
     nest_centre = None
     if params.tumor_fraction <= 0 or not deep.any() or params.tumor_cell_limit == 0:
@@ -186,10 +193,15 @@ def build_fields(params: SynthParams, rng: np.random.Generator, *, stroma_h: flo
         nest = (((y_um[:, None] - cy) ** 2 + (x_um[None, :] - cx) ** 2) <= r * r) & deep
         nest_centre = (float(cy), float(cx))
     else:
-        nthr = float(np.quantile(nf[deep], 1.0 - min(1.0, params.tumor_fraction * tissue.sum() / deep.sum())))
+        nthr = float(
+            np.quantile(nf[deep], 1.0 - min(1.0, params.tumor_fraction * tissue.sum() / deep.sum()))
+        )
         nest = (nf > nthr) & deep
-    nest_dist = (ndi.distance_transform_edt(~nest) * gum).astype(np.float32) if nest.any() else \
-        np.full(tissue.shape, 1e6, np.float32)
+    nest_dist = (
+        (ndi.distance_transform_edt(~nest) * gum).astype(np.float32)
+        if nest.any()
+        else np.full(tissue.shape, 1e6, np.float32)
+    )
 
     # Stroma: two fibre directions blended by a smooth weight, density varying over ~100 um.
     a1 = float(rng.uniform(0, math.pi))
@@ -200,8 +212,17 @@ def build_fields(params: SynthParams, rng: np.random.Generator, *, stroma_h: flo
     disp_y = 6.0 * smooth_field(rng, y_um, x_um, 120.0)
     disp_x = 6.0 * smooth_field(rng, y_um, x_um, 120.0)
     return Fields(
-        ds=ds, grid_um=gum, tissue=tissue, edge_um=edge, inside_um=inside, nest=nest,
-        nest_dist_um=nest_dist, stroma_a=(base * wgt).astype(np.float32),
-        stroma_b=(base * (1 - wgt)).astype(np.float32), fibre_angle=(a1, a2 % math.pi),
-        disp_y_um=disp_y, disp_x_um=disp_x, nest_centre_um=nest_centre,
+        ds=ds,
+        grid_um=gum,
+        tissue=tissue,
+        edge_um=edge,
+        inside_um=inside,
+        nest=nest,
+        nest_dist_um=nest_dist,
+        stroma_a=(base * wgt).astype(np.float32),
+        stroma_b=(base * (1 - wgt)).astype(np.float32),
+        fibre_angle=(a1, a2 % math.pi),
+        disp_y_um=disp_y,
+        disp_x_um=disp_x,
+        nest_centre_um=nest_centre,
     )

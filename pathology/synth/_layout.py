@@ -92,9 +92,14 @@ def _draw_look(params: SynthParams, rng: np.random.Generator) -> Look:
     tint = rng.uniform(-3, 3, 3)
     bg = tuple(float(np.clip(glass + t, 200, 254)) for t in tint)
     return Look(
-        counterstain=cs, background_rgb=bg, stain_h=h, stain_dab=d,  # type: ignore[arg-type]
-        stain_neutral=_unit(np.array(_NEUTRAL)), tumor_spacing_um=float(rng.uniform(17.0, 20.5)),
-        stroma_h=float(rng.uniform(0.02, 0.06)) * cs, fibro_density=float(rng.uniform(900, 1600)),
+        counterstain=cs,
+        background_rgb=bg,  # type: ignore[arg-type]
+        stain_h=h,
+        stain_dab=d,
+        stain_neutral=_unit(np.array(_NEUTRAL)),
+        tumor_spacing_um=float(rng.uniform(17.0, 20.5)),
+        stroma_h=float(rng.uniform(0.02, 0.06)) * cs,
+        fibro_density=float(rng.uniform(900, 1600)),
     )
 
 
@@ -142,8 +147,9 @@ def _grid_lookup(field: NDArray, gum: float, y_um: NDArray, x_um: NDArray) -> ND
     return field[gi, gj]
 
 
-def _sample_grid(rng: np.random.Generator, weight: NDArray[np.float64], n: int,
-                 gum: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _sample_grid(
+    rng: np.random.Generator, weight: NDArray[np.float64], n: int, gum: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """``n`` points, each grid cell drawn with probability ~ weight, uniform inside the cell."""
     total = float(weight.sum())
     if n <= 0 or total <= 0:
@@ -156,8 +162,9 @@ def _sample_grid(rng: np.random.Generator, weight: NDArray[np.float64], n: int,
     return y, x
 
 
-def _aggregates(rng: np.random.Generator, weight: NDArray[np.float64], n: int, gum: float,
-                f: Fields) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _aggregates(
+    rng: np.random.Generator, weight: NDArray[np.float64], n: int, gum: float, f: Fields
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """``n`` lymphocyte positions in dense round aggregates (~120 um^2 per cell) in stroma."""
     if n <= 0:
         return np.zeros(0), np.zeros(0)
@@ -177,8 +184,12 @@ def _aggregates(rng: np.random.Generator, weight: NDArray[np.float64], n: int, g
     return y[ok], x[ok]
 
 
-def _tumour_lattice(params: SynthParams, f: Fields, s: float, rng: np.random.Generator,
-                    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _tumour_lattice(
+    params: SynthParams,
+    f: Fields,
+    s: float,
+    rng: np.random.Generator,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     H_um, W_um = params.height * params.mpp, params.width * params.mpp  # type: ignore[operator]
     cy, cx = H_um / 2, W_um / 2
     half = 0.5 * math.hypot(H_um, W_um) + s
@@ -199,7 +210,9 @@ def _tumour_lattice(params: SynthParams, f: Fields, s: float, rng: np.random.Gen
     y, x = y + dy, x + dx
     ok = (y >= 0) & (y < H_um) & (x >= 0) & (x < W_um)
     y, x = y[ok], x[ok]
-    keep = _grid_lookup(f.nest, f.grid_um, y, x) & (_grid_lookup(f.inside_um, f.grid_um, y, x) >= 0.6 * s)
+    keep = _grid_lookup(f.nest, f.grid_um, y, x) & (
+        _grid_lookup(f.inside_um, f.grid_um, y, x) >= 0.6 * s
+    )
     y, x = y[keep], x[keep]
     if params.tumor_cell_limit is not None and y.size > params.tumor_cell_limit:
         c = f.nest_centre_um or (float(y.mean()), float(x.mean()))
@@ -234,8 +247,12 @@ def build_scene(params: SynthParams) -> Scene:
     seed = params.seed
     look = _draw_look(params, rng_for(seed, "look"))
     s = look.tumor_spacing_um
-    f = build_fields(params, rng_for(seed, "fields"), stroma_h=look.stroma_h,
-                     cell_area_um2=s * s * math.sqrt(3) / 2)
+    f = build_fields(
+        params,
+        rng_for(seed, "fields"),
+        stroma_h=look.stroma_h,
+        cell_area_um2=s * s * math.sqrt(3) / 2,
+    )
     bank = SpriteBank(params.mpp, seed_for(seed, "shapes"), seed_for(seed, "shape-pixels"))
     rng = rng_for(seed, "cells")
     gum = f.grid_um
@@ -262,7 +279,9 @@ def build_scene(params: SynthParams) -> Scene:
     ix_um = np.concatenate([ax_um, sx_um])
     types_i = np.concatenate([np.full(ay_um.size, LYMPHOCYTE, np.int8), types_i])
     stroma_mm2 = float(stroma_ok.sum()) * gum * gum / 1e6
-    fy_um, fx_um = _sample_grid(rng, stroma_ok.astype(np.float64), round(look.fibro_density * stroma_mm2), gum)
+    fy_um, fx_um = _sample_grid(
+        rng, stroma_ok.astype(np.float64), round(look.fibro_density * stroma_mm2), gum
+    )
     types_f = np.full(fy_um.size, FIBROBLAST, np.int8)
 
     y = np.concatenate([ty, iy_um, fy_um])
@@ -303,7 +322,9 @@ def build_scene(params: SynthParams) -> Scene:
         max_r = np.minimum(0.5 * nn - 1.8, body_r[tum] - 2.2)
         fit = np.maximum(np.searchsorted(bank.radius_um[TUMOR], max_r, side="right"), 1)
         lo = np.floor(0.3 * fit)
-        pick = np.minimum(lo + np.floor(rng.random(tum.size) * (fit - lo)), fit - 1).astype(np.int32)
+        pick = np.minimum(lo + np.floor(rng.random(tum.size) * (fit - lo)), fit - 1).astype(
+            np.int32
+        )
         nuc_sprite[tum] = pick
         area[tum] = bank.area_um2[TUMOR][pick]
     for t, lo_hi in ((LYMPHOCYTE, (0.7, 1.2)), (MACROPHAGE, None)):
@@ -335,8 +356,16 @@ def build_scene(params: SynthParams) -> Scene:
     mem_h = np.where(types == TUMOR, _H_MEMBRANE_ACCENT * cs, 0.0)
     stain = assign_staining(params, types, rng_for(seed, "staining"))
     cells = Cells(
-        ix=ix, iy=iy, type=types, body_r2=(body_r**2).astype(np.float32), body_sprite=body_sprite,
-        nuc_sprite=nuc_sprite, nuc_h=nuc_h.astype(np.float32), cyto_h=cyto_h.astype(np.float32),
-        mem_h=mem_h.astype(np.float32), area_um2=area, stain=stain,
+        ix=ix,
+        iy=iy,
+        type=types,
+        body_r2=(body_r**2).astype(np.float32),
+        body_sprite=body_sprite,
+        nuc_sprite=nuc_sprite,
+        nuc_h=nuc_h.astype(np.float32),
+        cyto_h=cyto_h.astype(np.float32),
+        mem_h=mem_h.astype(np.float32),
+        area_um2=area,
+        stain=stain,
     )
     return Scene(params=params, look=look, fields=f, bank=bank, cells=cells, artifacts=art)

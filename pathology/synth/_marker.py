@@ -86,7 +86,11 @@ def _uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> F32:
 
 
 def _borderline(
-    values: F32, pos_idx: NDArray[np.intp], neg_idx: NDArray[np.intp], frac: float, cut: float,
+    values: F32,
+    pos_idx: NDArray[np.intp],
+    neg_idx: NDArray[np.intp],
+    frac: float,
+    cut: float,
     rng: np.random.Generator,
 ) -> NDArray[np.intp]:
     """Move ``frac`` of positives and of negatives to just above / below ``cut`` (in place).
@@ -102,7 +106,9 @@ def _borderline(
     return np.concatenate([pos_idx[:kp], neg_idx[:kn]]).astype(np.intp)
 
 
-def assign_staining(params: SynthParams, types: NDArray[np.integer], rng: np.random.Generator) -> Staining:
+def assign_staining(
+    params: SynthParams, types: NDArray[np.integer], rng: np.random.Generator
+) -> Staining:
     """DAB amounts of every cell for ``params.marker``.
 
     Parameters

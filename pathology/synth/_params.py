@@ -31,29 +31,67 @@ _MIN_SIZE, _MAX_SIZE = 256, 200_000
 # the dataclass defaults; ``SynthParams.preset(name, **more)`` applies further overrides on top.
 PRESETS: dict[str, dict[str, Any]] = {
     # p16 (CAP: positive >= 70% of tumour cells with moderate-strong nuclear AND cytoplasmic stain)
-    "p16_positive": {"marker": "p16", "positive_fraction": 0.85, "weak_fraction": 0.05,
-                     "intensity": "strong"},
-    "p16_equivocal": {"marker": "p16", "positive_fraction": 0.60, "weak_fraction": 0.05,
-                      "intensity": "strong"},
-    "p16_negative": {"marker": "p16", "positive_fraction": 0.08, "weak_fraction": 0.07,
-                     "intensity": "moderate"},
-    "p16_weak_diffuse": {"marker": "p16", "positive_fraction": 0.15, "weak_fraction": 0.70,
-                         "intensity": "moderate"},
+    "p16_positive": {
+        "marker": "p16",
+        "positive_fraction": 0.85,
+        "weak_fraction": 0.05,
+        "intensity": "strong",
+    },
+    "p16_equivocal": {
+        "marker": "p16",
+        "positive_fraction": 0.60,
+        "weak_fraction": 0.05,
+        "intensity": "strong",
+    },
+    "p16_negative": {
+        "marker": "p16",
+        "positive_fraction": 0.08,
+        "weak_fraction": 0.07,
+        "intensity": "moderate",
+    },
+    "p16_weak_diffuse": {
+        "marker": "p16",
+        "positive_fraction": 0.15,
+        "weak_fraction": 0.70,
+        "intensity": "moderate",
+    },
     # Deliberately hard: a quarter of the tumour cells sit within 0.03 OD of the 0.4 cut.
-    "p16_borderline": {"marker": "p16", "positive_fraction": 0.75, "weak_fraction": 0.05,
-                       "intensity": "moderate", "borderline_fraction": 0.25},
+    "p16_borderline": {
+        "marker": "p16",
+        "positive_fraction": 0.75,
+        "weak_fraction": 0.05,
+        "intensity": "moderate",
+        "borderline_fraction": 0.25,
+    },
     # PD-L1 22C3 CPS bins (<1, 1-19, >=20) and a slide under the 100-tumour-cell minimum.
-    "pdl1_cps_lt1": {"marker": "pdl1", "positive_fraction": 0.003,
-                     "immune_positive_fraction": 0.004, "intensity": "moderate"},
-    "pdl1_cps_1_19": {"marker": "pdl1", "positive_fraction": 0.04,
-                      "immune_positive_fraction": 0.10, "intensity": "moderate",
-                      "complete_membrane_fraction": 0.4},
-    "pdl1_cps_ge20": {"marker": "pdl1", "positive_fraction": 0.40,
-                      "immune_positive_fraction": 0.35, "intensity": "strong",
-                      "complete_membrane_fraction": 0.6},
-    "pdl1_few_tumor": {"marker": "pdl1", "positive_fraction": 0.30,
-                       "immune_positive_fraction": 0.20, "intensity": "moderate",
-                       "tumor_fraction": 0.05, "tumor_cell_limit": 60},
+    "pdl1_cps_lt1": {
+        "marker": "pdl1",
+        "positive_fraction": 0.003,
+        "immune_positive_fraction": 0.004,
+        "intensity": "moderate",
+    },
+    "pdl1_cps_1_19": {
+        "marker": "pdl1",
+        "positive_fraction": 0.04,
+        "immune_positive_fraction": 0.10,
+        "intensity": "moderate",
+        "complete_membrane_fraction": 0.4,
+    },
+    "pdl1_cps_ge20": {
+        "marker": "pdl1",
+        "positive_fraction": 0.40,
+        "immune_positive_fraction": 0.35,
+        "intensity": "strong",
+        "complete_membrane_fraction": 0.6,
+    },
+    "pdl1_few_tumor": {
+        "marker": "pdl1",
+        "positive_fraction": 0.30,
+        "immune_positive_fraction": 0.20,
+        "intensity": "moderate",
+        "tumor_fraction": 0.05,
+        "tumor_cell_limit": 60,
+    },
     "ki67": {"marker": "ki67", "positive_fraction": 0.35, "intensity": "moderate"},
 }
 
@@ -168,12 +206,20 @@ class SynthParams:
         for name in ("width", "height"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not _MIN_SIZE <= v <= _MAX_SIZE:
-                raise _err(f"{name} must be a whole number of pixels {_MIN_SIZE}-{_MAX_SIZE}, got {v!r}")
+                raise _err(
+                    f"{name} must be a whole number of pixels {_MIN_SIZE}-{_MAX_SIZE}, got {v!r}"
+                )
         _check_range("mpp", self.mpp, 0.1, 2.0, "um/px")
         if self.marker not in MARKERS:
             raise _err(f"marker must be one of {', '.join(MARKERS)}; got {self.marker!r}")
-        for name in ("positive_fraction", "weak_fraction", "immune_positive_fraction",
-                     "complete_membrane_fraction", "decoy_fraction", "borderline_fraction"):
+        for name in (
+            "positive_fraction",
+            "weak_fraction",
+            "immune_positive_fraction",
+            "complete_membrane_fraction",
+            "decoy_fraction",
+            "borderline_fraction",
+        ):
             _check_fraction(name, getattr(self, name))
         if isinstance(self.intensity, str):
             if self.intensity not in INTENSITY_OD:
@@ -183,12 +229,16 @@ class SynthParams:
         else:
             _check_range("intensity", self.intensity, 0.05, 2.0, "OD")
         if self.marker != "p16" and self.weak_fraction > 0:
-            raise _err(f"weak_fraction applies to p16 only (weak {self.marker} staining is positive); "
-                       "set intensity='weak' instead")
+            raise _err(
+                f"weak_fraction applies to p16 only (weak {self.marker} staining is positive); "
+                "set intensity='weak' instead"
+            )
         if self.marker == "p16":
             if self.positive_fraction + self.weak_fraction > 1.0 + 1e-9:
-                raise _err(f"positive_fraction + weak_fraction must be <= 1, got "
-                           f"{self.positive_fraction} + {self.weak_fraction}")
+                raise _err(
+                    f"positive_fraction + weak_fraction must be <= 1, got "
+                    f"{self.positive_fraction} + {self.weak_fraction}"
+                )
             if self.positive_fraction > 0 and self.intensity_od < 0.45:
                 raise _err(
                     f"p16-positive cells need moderate or strong staining (>= 0.45 OD) but intensity "
@@ -206,7 +256,9 @@ class SynthParams:
             or not isinstance(self.tumor_cell_limit, int)
             or self.tumor_cell_limit < 0
         ):
-            raise _err(f"tumor_cell_limit must be a non-negative whole number or None, got {self.tumor_cell_limit!r}")
+            raise _err(
+                f"tumor_cell_limit must be a non-negative whole number or None, got {self.tumor_cell_limit!r}"
+            )
         if self.stain_vectors is not None:
             vecs = self.stain_vectors
             ok = isinstance(vecs, (tuple, list)) and len(vecs) == 2
@@ -216,11 +268,15 @@ class SynthParams:
                 except (TypeError, ValueError):
                     ok = False
                 else:
-                    ok = all(len(v) == 3 and all(math.isfinite(c) and c >= 0 for c in v) and sum(v) > 0
-                             for v in clean)
+                    ok = all(
+                        len(v) == 3 and all(math.isfinite(c) and c >= 0 for c in v) and sum(v) > 0
+                        for v in clean
+                    )
             if not ok:
-                raise _err("stain_vectors must be ((h_r, h_g, h_b), (dab_r, dab_g, dab_b)) with "
-                           f"non-negative numbers, got {vecs!r}")
+                raise _err(
+                    "stain_vectors must be ((h_r, h_g, h_b), (dab_r, dab_g, dab_b)) with "
+                    f"non-negative numbers, got {vecs!r}"
+                )
             object.__setattr__(self, "stain_vectors", clean)
         _check_range("stain_jitter", self.stain_jitter, 0.0, 0.3)
         if self.counterstain is not None:
@@ -277,7 +333,9 @@ class SynthParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise _err(f"unknown synth parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise _err(
+                f"unknown synth parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         vals = dict(values)
         if vals.get("stain_vectors") is not None:
             vals["stain_vectors"] = tuple(tuple(v) for v in vals["stain_vectors"])

@@ -30,8 +30,17 @@ from pathology.stain import od_to_rgb
 from pathology.synth._fields import interp_grid
 from pathology.synth._layout import Scene, rng_for
 
-__all__ = ["Maps", "Textures", "active_tiles", "build_textures", "compose_rgb", "glass_rgb", "render_band",
-           "render_maps", "render_rgb"]
+__all__ = [
+    "Maps",
+    "Textures",
+    "active_tiles",
+    "build_textures",
+    "compose_rgb",
+    "glass_rgb",
+    "render_band",
+    "render_maps",
+    "render_rgb",
+]
 
 F32 = NDArray[np.float32]
 I32 = NDArray[np.int32]
@@ -101,8 +110,11 @@ def build_textures(scene: Scene) -> Textures:
     rng = rng_for(p.seed, "textures")
     a1, a2 = scene.fields.fibre_angle
     fa, fb = _fibres(rng, p.mpp, a1), _fibres(rng, p.mpp, a2)
-    g = ndi.gaussian_filter(rng.standard_normal((_GRAIN, _GRAIN)).astype(np.float32),
-                            max(0.35 / p.mpp, 0.5), mode="wrap")
+    g = ndi.gaussian_filter(
+        rng.standard_normal((_GRAIN, _GRAIN)).astype(np.float32),
+        max(0.35 / p.mpp, 0.5),
+        mode="wrap",
+    )
     g = 1.0 + 0.12 * (g - g.mean()) / (g.std() or 1.0)
     noise = None
     if p.noise > 0:
@@ -176,13 +188,22 @@ def _stamp(scene: Scene, ey0: int, ey1: int, ex0: int, ex1: int) -> tuple[I32, I
     d2, rd = bank.d2, bank.disc_r_px
     rpx = np.minimum(np.ceil(np.sqrt(c.body_r2[sel]) / mpp).astype(np.int64) + 1, rd)
     sprites = bank.sprites
-    cols = zip(sel.tolist(), (c.iy[sel] - ey0).tolist(), (c.ix[sel] - ex0).tolist(),
-               c.body_r2[sel].tolist(), rpx.tolist(), c.body_sprite[sel].tolist(),
-               c.type[sel].tolist(), c.nuc_sprite[sel].tolist(), c.nuc_h[sel].tolist(), strict=True)
+    cols = zip(
+        sel.tolist(),
+        (c.iy[sel] - ey0).tolist(),
+        (c.ix[sel] - ex0).tolist(),
+        c.body_r2[sel].tolist(),
+        rpx.tolist(),
+        c.body_sprite[sel].tolist(),
+        c.type[sel].tolist(),
+        c.nuc_sprite[sel].tolist(),
+        c.nuc_h[sel].tolist(),
+        strict=True,
+    )
     for cid, cy, cx, r2, rp, bs, t, ns, hs in cols:
         # Body: power value (um^2), negative inside; the smallest value over all cells wins.
         if bs < 0:
-            tpl = d2[rd - rp: rd + rp + 1, rd - rp: rd + rp + 1]
+            tpl = d2[rd - rp : rd + rp + 1, rd - rp : rd + rp + 1]
             sub = r2
         else:
             body = sprites[t][bs].body
@@ -194,7 +215,7 @@ def _stamp(scene: Scene, ey0: int, ey1: int, ex0: int, ex1: int) -> tuple[I32, I
         yb, xb = ya + tpl.shape[0], xa + tpl.shape[1]
         ca, cb, da, db = max(ya, 0), min(yb, eh), max(xa, 0), min(xb, ew)
         if ca < cb and da < db:
-            val = tpl[ca - ya: cb - ya, da - xa: db - xa] - np.float32(sub)
+            val = tpl[ca - ya : cb - ya, da - xa : db - xa] - np.float32(sub)
             bst = best[ca:cb, da:db]
             m = val < bst
             np.copyto(bst, val, where=m)
@@ -205,9 +226,9 @@ def _stamp(scene: Scene, ey0: int, ey1: int, ex0: int, ex1: int) -> tuple[I32, I
         yb, xb = ya + 2 * r + 1, xa + 2 * r + 1
         ca, cb, da, db = max(ya, 0), min(yb, eh), max(xa, 0), min(xb, ew)
         if ca < cb and da < db:
-            msk = sp.mask[ca - ya: cb - ya, da - xa: db - xa]
+            msk = sp.mask[ca - ya : cb - ya, da - xa : db - xa]
             np.copyto(nuc[ca:cb, da:db], cid, where=msk)
-            hn[ca:cb, da:db] += sp.h_rel[ca - ya: cb - ya, da - xa: db - xa] * np.float32(hs)
+            hn[ca:cb, da:db] += sp.h_rel[ca - ya : cb - ya, da - xa : db - xa] * np.float32(hs)
     return lab, nuc, hn
 
 
@@ -305,7 +326,9 @@ def compose_rgb(scene: Scene, tex: Textures, maps: Maps) -> NDArray[np.uint8]:
         np.multiply(h, np.float32(look.stain_h[ch]) * steps, out=o)
         o += np.multiply(dab, np.float32(look.stain_dab[ch]) * steps, out=tmp)
         if p.background_od > 0:
-            o += np.multiply(alpha, np.float32(p.background_od * look.stain_neutral[ch]) * steps, out=tmp)
+            o += np.multiply(
+                alpha, np.float32(p.background_od * look.stain_neutral[ch]) * steps, out=tmp
+            )
         if extra is not None:
             o += np.multiply(extra[..., ch], steps, out=tmp)
         o += np.float32(0.5)
@@ -315,7 +338,9 @@ def compose_rgb(scene: Scene, tex: Textures, maps: Maps) -> NDArray[np.uint8]:
     return rgb
 
 
-def _add_noise(val: NDArray[np.int16], tex: Textures, ch: int, y0: int, x0: int) -> NDArray[np.int16]:
+def _add_noise(
+    val: NDArray[np.int16], tex: Textures, ch: int, y0: int, x0: int
+) -> NDArray[np.int16]:
     """Sensor noise of channel ``ch`` added in place to intensities ``val`` at level-0 ``(y0, x0)``."""
     if tex.noise is not None:
         hh, ww = val.shape
@@ -333,12 +358,16 @@ def glass_rgb(tex: Textures, y0: int, y1: int, x0: int, x1: int) -> NDArray[np.u
     return rgb
 
 
-def render_rgb(scene: Scene, tex: Textures, y0: int, y1: int, x0: int, x1: int) -> NDArray[np.uint8]:
+def render_rgb(
+    scene: Scene, tex: Textures, y0: int, y1: int, x0: int, x1: int
+) -> NDArray[np.uint8]:
     """Level-0 rectangle ``[y0, y1) x [x0, x1)`` as (y1 - y0, x1 - x0, 3) uint8 (before JPEG)."""
     return compose_rgb(scene, tex, render_maps(scene, tex, y0, y1, x0, x1))
 
 
-def active_tiles(scene: Scene, y0: int, y1: int, x0: int, n_tiles: int, tile: int) -> NDArray[np.bool_]:
+def active_tiles(
+    scene: Scene, y0: int, y1: int, x0: int, n_tiles: int, tile: int
+) -> NDArray[np.bool_]:
     """Which of ``n_tiles`` tiles from level-0 ``x0`` in rows ``[y0, y1)`` could hold anything but glass.
 
     Conservative: a tile counts as active when tissue (including its anti-aliased edge), ink, dust,
@@ -378,7 +407,9 @@ def active_tiles(scene: Scene, y0: int, y1: int, x0: int, n_tiles: int, tile: in
     mark(c.ix[lo_i:hi_i] - reach, c.ix[lo_i:hi_i] + reach + 1)
     if art.specks:
         sp = [(s.iy, s.ix, s.amount.shape[0] // 2 + halo + 1) for s in art.specks]
-        near = np.array([(ix - r, ix + r + 1) for iy, ix, r in sp if y0 - r <= iy < y1 + r], np.int64)
+        near = np.array(
+            [(ix - r, ix + r + 1) for iy, ix, r in sp if y0 - r <= iy < y1 + r], np.int64
+        )
         if near.size:
             mark(near[:, 0], near[:, 1])
     if art.border is not None:
@@ -388,13 +419,16 @@ def active_tiles(scene: Scene, y0: int, y1: int, x0: int, n_tiles: int, tile: in
             mark(np.array([0]), np.array([width + halo]))
         elif edge == "right":
             mark(np.array([w_px - width - halo]), np.array([edges[-1]]))
-        elif (edge == "top" and y0 < width + halo) or (edge == "bottom" and y1 > h_px - width - halo):
+        elif (edge == "top" and y0 < width + halo) or (
+            edge == "bottom" and y1 > h_px - width - halo
+        ):
             act[:] = True
     return act
 
 
-def render_band(scene: Scene, tex: Textures, y0: int, y1: int, x0: int, n_tiles: int,
-                tile: int) -> NDArray[np.uint8]:
+def render_band(
+    scene: Scene, tex: Textures, y0: int, y1: int, x0: int, n_tiles: int, tile: int
+) -> NDArray[np.uint8]:
     """Rows ``[y0, y1)`` of ``n_tiles`` whole tiles from ``x0``: rendered where anything is, glass
     elsewhere; pixel-identical to :func:`render_rgb` over the same rectangle."""
     act = active_tiles(scene, y0, y1, x0, n_tiles, tile)
@@ -404,5 +438,5 @@ def render_band(scene: Scene, tex: Textures, y0: int, y1: int, x0: int, n_tiles:
     rgb = glass_rgb(tex, y0, y1, x0, x1)
     d = np.diff(np.concatenate([[0], act.astype(np.int8), [0]]))
     for a, b in zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True):
-        rgb[:, a * tile: b * tile] = render_rgb(scene, tex, y0, y1, x0 + a * tile, x0 + b * tile)
+        rgb[:, a * tile : b * tile] = render_rgb(scene, tex, y0, y1, x0 + a * tile, x0 + b * tile)
     return rgb

@@ -61,17 +61,23 @@ def _grid(mpp: float, extent_um: float) -> tuple[NDArray[np.float32], NDArray[np
     """(dy, dx) in um of a square sprite grid centred on its middle pixel."""
     r = math.ceil(extent_um / mpp) + 1
     ax = (np.arange(-r, r + 1, dtype=np.float32)) * np.float32(mpp)
-    return ax[:, None] + np.zeros((1, ax.size), np.float32), ax[None, :] + np.zeros((ax.size, 1), np.float32)
+    return ax[:, None] + np.zeros((1, ax.size), np.float32), ax[None, :] + np.zeros(
+        (ax.size, 1), np.float32
+    )
 
 
-def _rotate(dy: NDArray[np.float32], dx: NDArray[np.float32], angle: float) -> tuple[NDArray, NDArray]:
+def _rotate(
+    dy: NDArray[np.float32], dx: NDArray[np.float32], angle: float
+) -> tuple[NDArray, NDArray]:
     c, s = math.cos(angle), math.sin(angle)
     u = dx * c + dy * s
     v = -dx * s + dy * c
     return u, v
 
 
-def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma_px: float) -> NDArray[np.float32]:
+def _texture(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma_px: float
+) -> NDArray[np.float32]:
     """Zero-mean, unit-sd smooth noise (chromatin granularity)."""
     t = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), max(sigma_px, 0.5))
     sd = float(t.std()) or 1.0
@@ -89,7 +95,9 @@ def _outline_area(a: float, b: float, harm: list[tuple[int, float, float]]) -> t
 
 
 def _harmonics(rng: np.random.Generator, amp: float) -> list[tuple[int, float, float]]:
-    return [(m, float(rng.uniform(0, amp)), float(rng.uniform(0, 2 * math.pi))) for m in (2, 3, 4, 5)]
+    return [
+        (m, float(rng.uniform(0, amp)), float(rng.uniform(0, 2 * math.pi))) for m in (2, 3, 4, 5)
+    ]
 
 
 def _round_nucleus(
@@ -114,8 +122,14 @@ def _round_nucleus(
     angle = float(shape_rng.uniform(0, math.pi))
     harm = _harmonics(shape_rng, harm_amp)
     n_nuc = int(shape_rng.choice(3, p=list(nucleoli)))
-    nuc_pos = [(shape_rng.uniform(0, 0.45), shape_rng.uniform(0, 2 * math.pi),
-                shape_rng.uniform(0.45, 0.8)) for _ in range(n_nuc)]
+    nuc_pos = [
+        (
+            shape_rng.uniform(0, 0.45),
+            shape_rng.uniform(0, 2 * math.pi),
+            shape_rng.uniform(0.45, 0.8),
+        )
+        for _ in range(n_nuc)
+    ]
     notch = bool(shape_rng.random() < kidney)
     area, rmax = _outline_area(a, b, harm)
     cut_r = 0.55 * a
@@ -178,7 +192,9 @@ def _spindle(
     ub, vb = _rotate(by, bx, angle)
     tb = np.clip(ub / ab, -1, 1)
     body = (bb * bb) * ((ub / ab) ** 2 + ((vb - bend * tb**2) / bb) ** 2 - 1.0)
-    return Sprite(mask, h, body.astype(np.float32), area, float(math.hypot(a, b + abs(bend))), angle)
+    return Sprite(
+        mask, h, body.astype(np.float32), area, float(math.hypot(a, b + abs(bend))), angle
+    )
 
 
 class SpriteBank:
@@ -192,25 +208,56 @@ class SpriteBank:
         Streams for shape parameters (mpp-independent) and pixel noise.
     """
 
-    def __init__(self, mpp: float, seed_shape: np.random.SeedSequence,
-                 seed_pixels: np.random.SeedSequence) -> None:
+    def __init__(
+        self, mpp: float, seed_shape: np.random.SeedSequence, seed_pixels: np.random.SeedSequence
+    ) -> None:
         srng = np.random.default_rng(seed_shape)
         prng = np.random.default_rng(seed_pixels)
         self.mpp = mpp
         tumor = [
-            _round_nucleus(mpp, srng, prng, diameter=(9.0, 14.0), aspect=(1.0, 1.35), harm_amp=0.05,
-                           texture=0.28, grain_um=0.45, rim=0.55, nucleoli=(0.3, 0.5, 0.2))
+            _round_nucleus(
+                mpp,
+                srng,
+                prng,
+                diameter=(9.0, 14.0),
+                aspect=(1.0, 1.35),
+                harm_amp=0.05,
+                texture=0.28,
+                grain_um=0.45,
+                rim=0.55,
+                nucleoli=(0.3, 0.5, 0.2),
+            )
             for _ in range(N_TUMOR)
         ]
         lymph = [
-            _round_nucleus(mpp, srng, prng, diameter=(6.2, 7.8), aspect=(1.0, 1.12), harm_amp=0.025,
-                           texture=0.14, grain_um=0.35, rim=0.12, nucleoli=(1.0, 0.0, 0.0))
+            _round_nucleus(
+                mpp,
+                srng,
+                prng,
+                diameter=(6.2, 7.8),
+                aspect=(1.0, 1.12),
+                harm_amp=0.025,
+                texture=0.14,
+                grain_um=0.35,
+                rim=0.12,
+                nucleoli=(1.0, 0.0, 0.0),
+            )
             for _ in range(N_LYMPH)
         ]
         macro = [
-            _round_nucleus(mpp, srng, prng, diameter=(8.0, 10.5), aspect=(1.3, 1.8), harm_amp=0.04,
-                           texture=0.18, grain_um=0.4, rim=0.25, nucleoli=(0.7, 0.3, 0.0),
-                           kidney=0.5)
+            _round_nucleus(
+                mpp,
+                srng,
+                prng,
+                diameter=(8.0, 10.5),
+                aspect=(1.3, 1.8),
+                harm_amp=0.04,
+                texture=0.18,
+                grain_um=0.4,
+                rim=0.25,
+                nucleoli=(0.7, 0.3, 0.0),
+                kidney=0.5,
+            )
             for _ in range(N_MACRO)
         ]
         fibro = []
@@ -219,8 +266,12 @@ class SpriteBank:
             fibro += [_spindle(mpp, srng, prng, ang) for _ in range(N_FIBRO_SHAPES)]
         # Sort tumour nuclei by size so layout can pick "the largest that fits" with one search.
         tumor.sort(key=lambda s: s.radius_um)
-        self.sprites: tuple[tuple[Sprite, ...], ...] = (tuple(tumor), tuple(lymph), tuple(macro),
-                                                       tuple(fibro))
+        self.sprites: tuple[tuple[Sprite, ...], ...] = (
+            tuple(tumor),
+            tuple(lymph),
+            tuple(macro),
+            tuple(fibro),
+        )
         self.radius_um = tuple(np.array([s.radius_um for s in g], np.float64) for g in self.sprites)
         self.area_um2 = tuple(np.array([s.area_um2 for s in g], np.float64) for g in self.sprites)
         # Shared squared-distance table (um^2) for disc bodies; 14 um covers the largest macrophage.
@@ -229,7 +280,9 @@ class SpriteBank:
         self.d2 = (ax[:, None] ** 2 + ax[None, :] ** 2).astype(np.float32)
         self._extent = self._max_extent()
 
-    def fibro_index(self, angle: NDArray[np.floating], shape: NDArray[np.integer]) -> NDArray[np.int64]:
+    def fibro_index(
+        self, angle: NDArray[np.floating], shape: NDArray[np.integer]
+    ) -> NDArray[np.int64]:
         """Sprite index of fibroblasts with long-axis ``angle`` (rad) and shape variant ``shape``."""
         k = np.floor((np.mod(angle, math.pi) / math.pi) * N_FIBRO_ANGLES).astype(np.int64)
         k = np.clip(k, 0, N_FIBRO_ANGLES - 1)

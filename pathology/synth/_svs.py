@@ -64,8 +64,12 @@ def encode_tiles(band: RGB, quality: int) -> list[bytes]:
     for r in range(0, h, TILE):
         for c in range(0, w, TILE):
             tile = imagecodecs.jpeg_encode(
-                band[r: r + TILE, c: c + TILE], level=quality, subsampling=(2, 2),
-                colorspace="RGB", outcolorspace="YCBCR")
+                band[r : r + TILE, c : c + TILE],
+                level=quality,
+                subsampling=(2, 2),
+                colorspace="RGB",
+                outcolorspace="YCBCR",
+            )
             out.append(bytes(tile))  # already bytes: no copy
     return out
 
@@ -90,15 +94,30 @@ def _pad4(img: RGB) -> RGB:
     return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else img
 
 
-def _description(size: tuple[int, int], mpp: float, quality: int, app_mag: int, extra: dict[str, str]) -> str:
+def _description(
+    size: tuple[int, int], mpp: float, quality: int, app_mag: int, extra: dict[str, str]
+) -> str:
     w, h = size
     fields = {
-        "AppMag": str(app_mag), "StripeWidth": "2040", "ScanScope ID": "SYNTH-SS01",
-        "Filename": FAKE_PHI["Filename"], "Date": FAKE_PHI["Date"], "Time": FAKE_PHI["Time"],
-        "Time Zone": "GMT+01:00", "User": FAKE_PHI["User"], "Barcode": FAKE_PHI["Barcode"],
-        "MPP": f"{mpp:.4f}", "Left": "25.000000", "Top": "18.000000", "LineCameraSkew": "0.000000",
-        "LineAreaXOffset": "0.000000", "LineAreaYOffset": "0.000000", "Focus Offset": "0.000000",
-        "OriginalWidth": str(w), "OriginalHeight": str(h), **extra,
+        "AppMag": str(app_mag),
+        "StripeWidth": "2040",
+        "ScanScope ID": "SYNTH-SS01",
+        "Filename": FAKE_PHI["Filename"],
+        "Date": FAKE_PHI["Date"],
+        "Time": FAKE_PHI["Time"],
+        "Time Zone": "GMT+01:00",
+        "User": FAKE_PHI["User"],
+        "Barcode": FAKE_PHI["Barcode"],
+        "MPP": f"{mpp:.4f}",
+        "Left": "25.000000",
+        "Top": "18.000000",
+        "LineCameraSkew": "0.000000",
+        "LineAreaXOffset": "0.000000",
+        "LineAreaYOffset": "0.000000",
+        "Focus Offset": "0.000000",
+        "OriginalWidth": str(w),
+        "OriginalHeight": str(h),
+        **extra,
     }
     head = f"{APERIO_HEADER} \r\n{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) JPEG/RGB Q={quality}"
     return head + "".join(f"|{k} = {v}" for k, v in fields.items())
@@ -198,47 +217,86 @@ def write_svs(
     l1_w, l1_h = -(-w // 4), -(-h // 4)
     level1 = np.empty((tiles_y * TILE // 4, tiles_x * TILE // 4, 3), np.uint8)
     res = 1e4 / mpp  # pixels per cm, for readers that use the TIFF resolution tags
-    bigtiff = w * h * 3 > 2**32 - 2**28  # 4 GiB of raw pixels can exceed a classic TIFF even as JPEG
+    bigtiff = (
+        w * h * 3 > 2**32 - 2**28
+    )  # 4 GiB of raw pixels can exceed a classic TIFF even as JPEG
 
     def tile_stream() -> Iterator[bytes]:
         row = 0
         for tiles, reduced in bands:
-            level1[row: row + reduced.shape[0]] = reduced
+            level1[row : row + reduced.shape[0]] = reduced
             row += reduced.shape[0]
             yield from tiles
             if on_band is not None:
                 on_band()
         if row != level1.shape[0]:
-            raise RuntimeError(f"bands covered {row * 4} rows of level 0, expected {tiles_y * TILE}")
+            raise RuntimeError(
+                f"bands covered {row * 4} rows of level 0, expected {tiles_y * TILE}"
+            )
 
-    common = {"photometric": "rgb", "metadata": None, "software": False,
-              "resolution": (res, res), "resolutionunit": "CENTIMETER"}
+    common = {
+        "photometric": "rgb",
+        "metadata": None,
+        "software": False,
+        "resolution": (res, res),
+        "resolutionunit": "CENTIMETER",
+    }
     jpeg = {"compression": "jpeg", "compressionargs": {"level": quality}}
     with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
-        tw.write(tile_stream(), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE),
-                 description=desc0, **common, **jpeg)
+        tw.write(
+            tile_stream(),
+            shape=(h, w, 3),
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            description=desc0,
+            **common,
+            **jpeg,
+        )
         l1 = np.ascontiguousarray(level1[:l1_h, :l1_w])
         # Thumbnail: ~1024 px on the long side, stripped, second page (OpenSlide's "thumbnail").
         s = min(1.0, 1024 / max(l1_w, l1_h))
         tsize = (max(1, round(l1_w * s)), max(1, round(l1_h * s)))
         thumb = _resize(l1, tsize) if tsize != (l1_w, l1_h) else l1
-        tw.write(thumb, description=f"{APERIO_HEADER} \n{w}x{h} -> {tsize[0]}x{tsize[1]} - |"
-                 + desc0.split("|", 1)[1], rowsperstrip=16, **common, **jpeg)
+        tw.write(
+            thumb,
+            description=f"{APERIO_HEADER} \n{w}x{h} -> {tsize[0]}x{tsize[1]} - |"
+            + desc0.split("|", 1)[1],
+            rowsperstrip=16,
+            **common,
+            **jpeg,
+        )
         levels = [l1]
         while len(levels) < 2 or max(levels[-1].shape[:2]) > 1000:
-            levels.append(downsample4(_pad4(levels[-1]))[: -(-levels[-1].shape[0] // 4),
-                                                      : -(-levels[-1].shape[1] // 4)])
+            levels.append(
+                downsample4(_pad4(levels[-1]))[
+                    : -(-levels[-1].shape[0] // 4), : -(-levels[-1].shape[1] // 4)
+                ]
+            )
         for lvl in levels:
             lh, lw = lvl.shape[:2]
             d = f"{APERIO_HEADER} \r\n{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) -> {lw}x{lh} JPEG/RGB Q={quality}"
             tw.write(lvl, tile=(TILE, TILE), description=d, maxworkers=2, **common, **jpeg)
         label = make_label(marker, seed)
-        tw.write(label, description=f"{APERIO_HEADER} \nlabel {label.shape[1]}x{label.shape[0]}",
-                 subfiletype=1, compression="lzw", photometric="rgb", metadata=None, software=False)
+        tw.write(
+            label,
+            description=f"{APERIO_HEADER} \nlabel {label.shape[1]}x{label.shape[0]}",
+            subfiletype=1,
+            compression="lzw",
+            photometric="rgb",
+            metadata=None,
+            software=False,
+        )
         macro = make_macro(thumb, label)
-        tw.write(macro, description=f"{APERIO_HEADER} \nmacro {macro.shape[1]}x{macro.shape[0]}",
-                 subfiletype=9, photometric="rgb", metadata=None, software=False,
-                 rowsperstrip=16, **jpeg)
+        tw.write(
+            macro,
+            description=f"{APERIO_HEADER} \nmacro {macro.shape[1]}x{macro.shape[0]}",
+            subfiletype=9,
+            photometric="rgb",
+            metadata=None,
+            software=False,
+            rowsperstrip=16,
+            **jpeg,
+        )
     return 1 + len(levels)
 
 

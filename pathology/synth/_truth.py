@@ -34,8 +34,16 @@ from numpy.typing import NDArray
 from pathology.synth._marker import BIN_EDGES, MARGIN, POSITIVE_CUT
 from pathology.synth._shapes import CELL_TYPES, LYMPHOCYTE, MACROPHAGE, TUMOR
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "RULES", "CellTruth", "SlideValues", "SynthTruth",
-           "load_truth", "score_cells"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "RULES",
+    "CellTruth",
+    "SlideValues",
+    "SynthTruth",
+    "load_truth",
+    "score_cells",
+]
 
 FORMAT = "pathology.synth.truth"
 FORMAT_VERSION = 1
@@ -51,12 +59,12 @@ RULES: dict[str, Any] = {
         "scored_value": "min(nucleus_dab, cytoplasm_dab)",
         "weak": "tumor and 0.2 <= min(nucleus_dab, cytoplasm_dab) < 0.4 (1+ only)",
         "call": "positive if p16_positive_pct >= 70; equivocal if p16_positive_pct >= 50 or "
-                "p16_positive_pct + p16_weak_pct >= 70 (extensive weak, CAP 2025); else negative",
+        "p16_positive_pct + p16_weak_pct >= 70 (extensive weak, CAP 2025); else negative",
         "cut_od": POSITIVE_CUT["p16"],
     },
     "pdl1": {
         "cell_positive": "tumor: membrane_coverage > 0 and membrane_dab >= 0.2 (partial or complete); "
-                         "lymphocyte/macrophage: membrane_dab >= 0.2 or cytoplasm_dab >= 0.2",
+        "lymphocyte/macrophage: membrane_dab >= 0.2 or cytoplasm_dab >= 0.2",
         "scored_value": "membrane_dab",
         "cps": "min(100, 100 x (positive tumor + positive lymphocytes/macrophages) / tumor cells)",
         "tps": "100 x positive tumor / tumor cells",
@@ -142,9 +150,14 @@ class SynthTruth:
             "format_version": FORMAT_VERSION,
             "generator": self.generator,
             "params": self.params,
-            "slide": {"width": self.width, "height": self.height, "mpp": self.mpp,
-                      "marker": self.marker, "objective_power": self.objective_power,
-                      "background_rgb": list(self.background_rgb)},
+            "slide": {
+                "width": self.width,
+                "height": self.height,
+                "mpp": self.mpp,
+                "marker": self.marker,
+                "objective_power": self.objective_power,
+                "background_rgb": list(self.background_rgb),
+            },
             "stains": {k: list(v) for k, v in self.stains.items()},
             "rules": self.rules,
             "values": asdict(self.values),
@@ -212,7 +225,8 @@ def score_cells(
     else:
         scored = membrane
         cell_pos = (tum & (coverage > 0) & (membrane >= cut)) | (
-            imm & ((membrane >= cut) | (cytoplasm >= cut)))
+            imm & ((membrane >= cut) | (cytoplasm >= cut))
+        )
         scored_types = tum | imm
     t_pos = int((cell_pos & tum).sum())
     i_pos = int((cell_pos & imm).sum())
@@ -240,12 +254,24 @@ def score_cells(
             call = "not_evaluable"
         else:
             call = "<1" if cps < 1 else ("1-19" if cps < 20 else ">=20")
-    positive = [bool(p) if s else None for p, s in zip(cell_pos.tolist(), scored_types.tolist(), strict=True)]
+    positive = [
+        bool(p) if s else None
+        for p, s in zip(cell_pos.tolist(), scored_types.tolist(), strict=True)
+    ]
     values = SlideValues(
-        marker=marker, tumor_cells=n_t, tumor_positive=t_pos, immune_cells=n_i,
+        marker=marker,
+        tumor_cells=n_t,
+        tumor_positive=t_pos,
+        immune_cells=n_i,
         immune_positive=i_pos if marker == "pdl1" else None,
-        p16_positive_pct=p16_pct, p16_weak_pct=p16_weak, cps=cps, tps=tps, ki67_pct=ki67,
-        h_score=h, call=call, evaluable=bool(evaluable),
+        p16_positive_pct=p16_pct,
+        p16_weak_pct=p16_weak,
+        cps=cps,
+        tps=tps,
+        ki67_pct=ki67,
+        h_score=h,
+        call=call,
+        evaluable=bool(evaluable),
     )
     return positive, values
 
@@ -273,32 +299,54 @@ def load_truth(path: str | os.PathLike[str]) -> SynthTruth:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ConfigError(f"{p}: not a pathology synth truth file (format != {FORMAT!r})")
     if doc.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{p}: truth format_version {doc.get('format_version')!r} is not "
-                          f"{FORMAT_VERSION}; regenerate the slide with this version")
+        raise ConfigError(
+            f"{p}: truth format_version {doc.get('format_version')!r} is not "
+            f"{FORMAT_VERSION}; regenerate the slide with this version"
+        )
     s = doc["slide"]
     cells = tuple(CellTruth(**c) for c in doc["cells"])
     return SynthTruth(
-        params=doc["params"], width=s["width"], height=s["height"], mpp=s["mpp"],
-        marker=s["marker"], objective_power=s["objective_power"],
+        params=doc["params"],
+        width=s["width"],
+        height=s["height"],
+        mpp=s["mpp"],
+        marker=s["marker"],
+        objective_power=s["objective_power"],
         background_rgb=_triple(s["background_rgb"]),
         stains={k: _triple(v) for k, v in doc["stains"].items()},
-        values=SlideValues(**doc["values"]), cells=cells, tissue_mask=doc.get("tissue_mask", {}),
-        rules=doc["rules"], generator=doc.get("generator", ""),
+        values=SlideValues(**doc["values"]),
+        cells=cells,
+        tissue_mask=doc.get("tissue_mask", {}),
+        rules=doc["rules"],
+        generator=doc.get("generator", ""),
     )
 
 
 def cells_from_arrays(
-    x_px: NDArray[np.floating], y_px: NDArray[np.floating], types: NDArray[np.integer],
-    nucleus: NDArray[np.floating], cytoplasm: NDArray[np.floating], membrane: NDArray[np.floating],
-    coverage: NDArray[np.floating], area_um2: NDArray[np.floating], positive: list[bool | None],
+    x_px: NDArray[np.floating],
+    y_px: NDArray[np.floating],
+    types: NDArray[np.integer],
+    nucleus: NDArray[np.floating],
+    cytoplasm: NDArray[np.floating],
+    membrane: NDArray[np.floating],
+    coverage: NDArray[np.floating],
+    area_um2: NDArray[np.floating],
+    positive: list[bool | None],
 ) -> tuple[CellTruth, ...]:
     """CellTruth records from layout arrays (ids = array index)."""
     diam = 2.0 * np.sqrt(np.asarray(area_um2) / math.pi)
     cols = zip(
-        np.round(x_px, 2).tolist(), np.round(y_px, 2).tolist(), np.asarray(types).tolist(),
-        np.round(nucleus, 4).tolist(), np.round(cytoplasm, 4).tolist(), np.round(membrane, 4).tolist(),
-        np.round(coverage, 4).tolist(), np.round(area_um2, 2).tolist(), np.round(diam, 3).tolist(),
-        positive, strict=True,
+        np.round(x_px, 2).tolist(),
+        np.round(y_px, 2).tolist(),
+        np.asarray(types).tolist(),
+        np.round(nucleus, 4).tolist(),
+        np.round(cytoplasm, 4).tolist(),
+        np.round(membrane, 4).tolist(),
+        np.round(coverage, 4).tolist(),
+        np.round(area_um2, 2).tolist(),
+        np.round(diam, 3).tolist(),
+        positive,
+        strict=True,
     )
     return tuple(
         CellTruth(i, x, y, CELL_TYPES[t], n, c, m, cv, a, d, p)
