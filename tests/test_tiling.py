@@ -223,6 +223,10 @@ def test_resume_after_sigkill_gives_the_pixels_of_an_uninterrupted_run(
         "1",
         "--workers",
         "1",
+        # threads: SIGKILL then takes every writer with it, so the flags counted below are final
+        # (a process-pool worker could still finish its shard after the kill).
+        "--scheduler",
+        "threads",
     ]
     killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
     proc = subprocess.Popen(
