@@ -47,6 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pathology.errors import TileReadError
+from pathology.slide import _ReaderBase  # shared geometry, mpp, thumbnail and context manager
 
 if TYPE_CHECKING:
     from pathology.slide import SlideInfo, SlideReader
@@ -733,7 +734,7 @@ def _one_line(exc: BaseException) -> str:
 # -- SlideReader over the direct path ---------------------------------------------------------
 
 
-class DirectTiffReader:
+class DirectTiffReader(_ReaderBase):
     """A :class:`~pathology.slide.SlideReader` that decodes native tiles directly when it is exact.
 
     ``read_region`` goes to :class:`DirectTiffSource` when the file is supported and OpenSlide
@@ -781,26 +782,6 @@ class DirectTiffReader:
         self.direct_reads = 0
         self.fallback_reads = 0
 
-    @property
-    def level_count(self) -> int:
-        return self.base.level_count
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self.base.level_dimensions
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self.base.level_downsamples
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        return self.base.level_dimensions[0]
-
-    @property
-    def mpp(self) -> float:
-        return self.base.mpp
-
     def level_xy(self, l0_xy: tuple[int, int], level: int) -> tuple[int, int] | None:
         """Level pixel OpenSlide maps ``l0_xy`` to, or None when it is not a whole pixel.
 
@@ -828,27 +809,10 @@ class DirectTiffReader:
         self.fallback_reads += 1
         return self.base.read_region(l0_xy, level, size_px)
 
-    def get_thumbnail(self, max_size: tuple[int, int]) -> NDArray[np.uint8]:
-        return self.base.get_thumbnail(max_size)
-
-    def get_best_level_for_downsample(self, downsample: float) -> int:
-        return self.base.get_best_level_for_downsample(downsample)
-
     def close(self) -> None:
         if self.direct is not None:
             self.direct.close()
         self.base.close()
-
-    def __enter__(self) -> DirectTiffReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "direct" if self.direct is not None else f"openslide only: {self.why_not}"
