@@ -23,6 +23,18 @@ _SUBCOMMANDS = ("info", "tissue", "tile", "bench", "synth", "demo")
 log = logging.getLogger("pathology")
 
 
+def add_slide_mpp(parser: argparse.ArgumentParser, *, mpp_alias: bool = False) -> None:
+    """The ``--slide-mpp`` option every command that opens slides shares (``--mpp`` too where free)."""
+    names = ["--slide-mpp", "--mpp"] if mpp_alias else ["--slide-mpp"]
+    parser.add_argument(
+        *names,
+        dest="slide_mpp",
+        type=float,
+        default=None,
+        help="the scan's microns per pixel, overriding (or supplying) what the file records",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathology",

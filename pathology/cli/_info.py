@@ -7,6 +7,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from pathology.cli import add_slide_mpp
+
 if TYPE_CHECKING:
     from pathology.slide import SlideInfo
 
@@ -22,14 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide or image file(s)")
-    p.add_argument(
-        "--slide-mpp",
-        "--mpp",
-        dest="slide_mpp",
-        type=float,
-        default=None,
-        help="the scan's microns per pixel, overriding (or supplying) what the file records",
-    )
+    add_slide_mpp(p, mpp_alias=True)
     p.add_argument("--json", action="store_true", help="one JSON object per slide (JSON Lines)")
     p.set_defaults(func=run)
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from pathology.cli import add_slide_mpp
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -61,12 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=8,
         help="tiles per shard edge: one file and one task per shard (default 8)",
     )
-    p.add_argument(
-        "--slide-mpp",
-        type=float,
-        default=None,
-        help="the scan's microns per pixel, if the file lacks it",
-    )
+    add_slide_mpp(p)
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pathology.cli import add_slide_mpp
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -22,14 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--overlay", type=Path, metavar="OVERLAY.png", help="write a review overlay here"
     )
-    p.add_argument(
-        "--slide-mpp",
-        "--mpp",
-        dest="slide_mpp",
-        type=float,
-        default=None,
-        help="the scan's microns per pixel, overriding (or supplying) what the file records",
-    )
+    add_slide_mpp(p, mpp_alias=True)
     p.add_argument(
         "--mask-mpp",
         type=float,
