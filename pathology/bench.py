@@ -47,6 +47,7 @@ class BenchResult:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    peak_worker_rss_mb: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         mpix = self.tile_px * self.tile_px / 1e6
@@ -59,6 +60,7 @@ class BenchResult:
             "workers": self.workers,
             "tiles": self.tiles,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_worker_rss_mb": round(self.peak_worker_rss_mb, 1),
         }
         decode = self.rates.get("decode")
         for name, rate in self.rates.items():
@@ -71,8 +73,11 @@ class BenchResult:
         return out
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _peak_rss_mb() -> tuple[float, float]:
+    """Peak RSS (MB) of this process and of the largest finished child (process-pool workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return own, children
 
 
 def run_bench(
@@ -191,7 +196,7 @@ def run_bench(
         "store_mb": round(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 1e6, 1),
         "slide_mb": round(slide_path.stat().st_size / 1e6, 1),
     }
-    bench.peak_rss_mb = _peak_rss_mb()
+    bench.peak_rss_mb, bench.peak_worker_rss_mb = _peak_rss_mb()
     shutil.rmtree(store, ignore_errors=True)
     return bench
 

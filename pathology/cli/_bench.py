@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             "store_mb",
             "slide_mb",
             "peak_rss_mb",
+            "peak_worker_rss_mb",
         )
     }
     print(json.dumps(notes))
