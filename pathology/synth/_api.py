@@ -156,6 +156,17 @@ def synthesize_truth(params: SynthParams) -> SynthTruth:
     return _truth(build_scene(params), None)
 
 
+def _region_size(params: SynthParams) -> tuple[int, int]:
+    """(w, h) of an in-memory render; refuses images too large to hold (a slide streams instead)."""
+    w, h = params.size
+    if w * h > MAX_REGION_PX:
+        raise ConfigError(
+            f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
+            "use synthesize_slide to stream it to an SVS"
+        )
+    return w, h
+
+
 def render_region(params: SynthParams) -> RegionRender:
     """Render the whole ``params.width x params.height`` image in memory, with label maps.
 
@@ -164,12 +175,7 @@ def render_region(params: SynthParams) -> RegionRender:
     ConfigError
         The image is larger than :data:`MAX_REGION_PX` pixels (write a slide instead).
     """
-    w, h = params.size
-    if w * h > MAX_REGION_PX:
-        raise ConfigError(
-            f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
-            "use synthesize_slide to stream it to an SVS"
-        )
+    w, h = _region_size(params)
     scene = build_scene(params)
     tex = build_textures(scene)
     maps = render_maps(scene, tex, 0, h, 0, w)
@@ -199,12 +205,7 @@ def synthesize_region(params: SynthParams) -> tuple[NDArray[np.uint8], SynthTrut
     truth : SynthTruth
         Cells in pixel coordinates of ``rgb``.
     """
-    w, h = params.size
-    if w * h > MAX_REGION_PX:
-        raise ConfigError(
-            f"{w}x{h} px is too large to render in memory (max {MAX_REGION_PX:,} px); "
-            "use synthesize_slide to stream it to an SVS"
-        )
+    w, h = _region_size(params)
     scene = build_scene(params)
     return render_rgb(scene, build_textures(scene), 0, h, 0, w), _truth(scene, None)
 
