@@ -8,7 +8,6 @@ slide size; no level is ever loaded whole.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -34,7 +33,6 @@ from pathology.tiling._store import (
 
 __all__ = ["TilingResult", "tile_slide"]
 
-log = logging.getLogger(__name__)
 
 SCHEDULERS = ("threads", "processes", "sync")
 READERS = ("auto", "openslide", "direct")
