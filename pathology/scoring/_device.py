@@ -1,0 +1,87 @@
+"""The one place a torch device is chosen, and the CUDA out-of-memory retry policy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from pathology.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEVICES", "is_oom", "resolve_device", "run_halving"]
+
+DEVICES = ("auto", "cpu", "cuda")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when a GPU is visible, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` forced.
+
+    Raises
+    ------
+    ConfigError
+        ``cuda`` was asked for on a machine without a usable CUDA device, or an unknown name.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {name!r} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                "(use --device cpu, or install the CUDA build of torch: see README)"
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return dev
+    raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} or cuda:N")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a CUDA out-of-memory error (the typed one, or the older RuntimeError text)."""
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def run_halving(fn: Callable[[int, int], T], start: int, stop: int, batch: int) -> list[T]:
+    """Run ``fn(i, j)`` over ``[start, stop)`` in chunks of ``batch``, halving the chunk on a CUDA
+    out-of-memory error and retrying (down to one item, then the error propagates).
+
+    The smaller batch is kept for the rest of the range: an OOM at one size will recur.
+    """
+    import torch
+
+    out: list[T] = []
+    i = start
+    while i < stop:
+        j = min(stop, i + batch)
+        try:
+            out.append(fn(i, j))
+        except Exception as exc:
+            if not is_oom(exc) or batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            log.warning("CUDA out of memory: retrying with batch size %d", batch)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i = j
+    return out

@@ -1,0 +1,341 @@
+"""Per-cell measurement along rays: nucleus outline, then cytoplasm and membrane compartments.
+
+Every cell is sampled along ``RAY_ANGLES`` rays from its centre, every ``RAY_STEP_UM`` microns out
+to ``RAY_MAX_UM``, with one batched ``grid_sample`` over the haematoxylin and DAB maps. On each ray:
+
+- the nucleus edge is where haematoxylin falls below half-way between the nucleus centre and its
+  surroundings (area, elongation and darkness follow);
+- the cell edge is the power-diagram boundary with the neighbouring cells (``|p - c_i|^2 - rho_i^2 =
+  |p - c_j|^2 - rho_j^2``, rho = the cell type's body radius), capped at the cell's own body radius;
+- the membrane is the brightest DAB just inside that edge; the cytoplasm lies between nucleus and
+  membrane.
+
+Frames: positions in microns from the input tile's top-left corner; ray tensors are (K, A, S) for
+K cells, A angles, S radial samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "RAY_ANGLES",
+    "RAY_MAX_UM",
+    "RAY_STEP_UM",
+    "Compartments",
+    "Rays",
+    "measure_compartments",
+    "sample_rays",
+]
+
+RAY_ANGLES = 32
+RAY_STEP_UM = 0.5
+RAY_MAX_UM = 16.0
+#: Neighbours considered for each cell's boundary and local density.
+N_NEIGHBOURS = 8
+DENSITY_RADIUS_UM = 25.0
+#: Membrane band searched on each ray: from this far inside the cell edge to this far outside.
+MEMBRANE_IN_UM, MEMBRANE_OUT_UM = 1.25, 0.25
+#: Offsets (um) from the cell edge along each ray where the membrane profile is sampled.
+EDGE_OFFSETS_UM = tuple(-1.5 + 0.25 * i for i in range(13))
+MAX_OFFSET_UM = 0.1
+
+
+@dataclass(frozen=True)
+class Rays:
+    """Ray samples and nucleus features of K cells (all tensors indexed by cell)."""
+
+    tile: torch.Tensor  # (K,) int64
+    yx_um: torch.Tensor  # (K, 2)
+    h: torch.Tensor  # (K, A, S) haematoxylin OD
+    dab: torch.Tensor  # (K, A, S) DAB OD
+    t_um: torch.Tensor  # (S,) radius of each sample
+    edge_um: torch.Tensor  # (K, A) nucleus edge per ray
+    area_um2: torch.Tensor  # (K,)
+    elongation: torch.Tensor  # (K,) major / minor axis, >= 1
+    h_nucleus: torch.Tensor  # (K,) mean haematoxylin OD in the nucleus
+    h_around: torch.Tensor  # (K,) haematoxylin OD just outside the nucleus
+    dab_nucleus: torch.Tensor  # (K,) mean DAB OD in the nucleus
+    density: torch.Tensor  # (K,) other cells within DENSITY_RADIUS_UM
+    nb_index: torch.Tensor  # (K, N_NEIGHBOURS) global index of neighbours, -1 = none
+    nb_dist_um: torch.Tensor  # (K, N_NEIGHBOURS)
+
+
+@dataclass(frozen=True)
+class Compartments:
+    """DAB OD per compartment (K,) and the membrane's stained fraction."""
+
+    cell_edge_um: torch.Tensor  # (K, A)
+    nucleus: torch.Tensor
+    cytoplasm: torch.Tensor
+    membrane: torch.Tensor  # mean over the whole outline
+    membrane_stained: torch.Tensor  # mean over the stained part of the outline (0 if none)
+    membrane_coverage: torch.Tensor  # fraction of rays with stained membrane
+
+
+def _wmean(v: torch.Tensor, w: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    den = w.sum(dim)
+    return (v * w).sum(dim) / den.clamp_min(1e-9)
+
+
+def _neighbours(
+    tile: torch.Tensor, yx: torch.Tensor, n_tiles: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest neighbours within each tile: (K, n) global indices (-1 none), distances, density."""
+    import torch
+
+    k_all = tile.numel()
+    dev = yx.device
+    if k_all == 0:
+        z = torch.zeros((0, N_NEIGHBOURS), device=dev)
+        return z.long(), z, torch.zeros(0, device=dev)
+    counts = torch.bincount(tile, minlength=n_tiles)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(k_all, device=dev) - offsets[tile]
+    kmax = int(counts.max())
+    pad = torch.full((n_tiles, kmax, 2), math.inf, device=dev)
+    pad[tile, pos] = yx
+    d = torch.cdist(pad, pad)  # (N, kmax, kmax); inf rows/cols for padding
+    d = torch.nan_to_num(d, nan=math.inf, posinf=math.inf)
+    eye = torch.eye(kmax, dtype=torch.bool, device=dev).unsqueeze(0)
+    d = d.masked_fill(eye, math.inf)
+    dc = d[tile, pos]  # (K, kmax)
+    density = (dc < DENSITY_RADIUS_UM).sum(1).float()
+    n = min(N_NEIGHBOURS, kmax)
+    nd, ni = torch.topk(dc, n, dim=1, largest=False) if n else (dc[:, :0], dc[:, :0].long())
+    gi = ni + offsets[tile].unsqueeze(1)
+    gi = torch.where(torch.isfinite(nd), gi, torch.full_like(gi, -1))
+    if n < N_NEIGHBOURS:
+        fill = N_NEIGHBOURS - n
+        gi = torch.cat([gi, torch.full((k_all, fill), -1, device=dev, dtype=gi.dtype)], 1)
+        nd = torch.cat([nd, torch.full((k_all, fill), math.inf, device=dev)], 1)
+    return gi, nd, density
+
+
+def sample_rays(
+    maps: torch.Tensor,
+    meas_mpp: float,
+    tile: torch.Tensor,
+    yx_um: torch.Tensor,
+    radius_um: torch.Tensor,
+) -> Rays:
+    """Sample haematoxylin and DAB along rays around each detected nucleus.
+
+    Parameters
+    ----------
+    maps : Tensor (N, 2, H, W) float32
+        Haematoxylin and DAB OD at ``meas_mpp``.
+    tile, yx_um, radius_um : Tensor (K,), (K, 2), (K,)
+        Detections (tile index, centre in um, LoG radius in um), ordered by tile.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dev = maps.device
+    n_tiles, _, hh, ww = maps.shape
+    k_all = tile.numel()
+    a = RAY_ANGLES
+    t = torch.arange(0.0, RAY_MAX_UM + 1e-6, RAY_STEP_UM, device=dev)
+    s = t.numel()
+    theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
+    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2) as (dy, dx)
+    nb_index, nb_dist, density = _neighbours(tile, yx_um, n_tiles)
+    if k_all == 0:
+        z = torch.zeros(0, device=dev)
+        e = torch.zeros((0, a, s), device=dev)
+        return Rays(
+            tile,
+            yx_um,
+            e,
+            e,
+            t,
+            torch.zeros((0, a), device=dev),
+            z,
+            z,
+            z,
+            z,
+            z,
+            z,
+            nb_index,
+            nb_dist,
+        )
+
+    counts = torch.bincount(tile, minlength=n_tiles)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(k_all, device=dev) - offsets[tile]
+    kmax = int(counts.max())
+    pts = yx_um[:, None, None, :] + t[None, None, :, None] * dirs[None, :, None, :]  # (K, A, S, 2)
+    # grid_sample wants (x, y) normalised so -1 / +1 are the outer pixel edges.
+    gx = pts[..., 1] / (meas_mpp * ww) * 2 - 1
+    gy = pts[..., 0] / (meas_mpp * hh) * 2 - 1
+    grid = torch.zeros((n_tiles, kmax, a * s, 2), device=dev)
+    grid[tile, pos] = torch.stack([gx, gy], -1).reshape(k_all, a * s, 2)
+    samp = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    samp = samp.permute(0, 2, 1, 3)[tile, pos]  # (K, 2, A*S)
+    h = samp[:, 0].reshape(k_all, a, s)
+    dab = samp[:, 1].reshape(k_all, a, s)
+
+    # Nucleus edge per ray: first fall below half-way between centre and surroundings.
+    r0 = radius_um.clamp(2.0, 8.0)
+    tt = t.view(1, 1, s)
+    centre = tt <= (0.5 * r0).clamp_min(1.0).view(-1, 1, 1)
+    h0 = _wmean(h, (centre * (tt + RAY_STEP_UM / 2)).float(), dim=2).mean(1)
+    ring = (tt >= (r0 + 1.5).view(-1, 1, 1)) & (tt <= (r0 + 4.0).view(-1, 1, 1))
+    ring_min = torch.where(ring, h, torch.full_like(h, math.inf)).amin(2)  # (K, A)
+    hb = ring_min.median(1).values.clamp_min(0.0)
+    thr = 0.5 * (h0 + hb)
+    limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
+    below = (h < thr.view(-1, 1, 1)) & (tt >= RAY_STEP_UM)
+    below = below | (tt >= limit.view(-1, 1, 1))
+    first = below.float().argmax(2).clamp_min(1)  # (K, A)
+    hi = h.gather(2, first.unsqueeze(2)).squeeze(2)
+    lo = h.gather(2, (first - 1).unsqueeze(2)).squeeze(2)
+    frac = ((lo - thr.view(-1, 1)) / (lo - hi).clamp_min(1e-6)).clamp(0, 1)
+    edge = (first.float() - 1 + frac) * RAY_STEP_UM
+    edge = torch.minimum(edge.clamp_min(0.75), limit.view(-1, 1))
+    area = 0.5 * (edge**2).sum(1) * (2 * math.pi / a)
+    ey = edge * dirs[:, 0].view(1, -1)
+    ex = edge * dirs[:, 1].view(1, -1)
+    my, mx = ey.mean(1, keepdim=True), ex.mean(1, keepdim=True)
+    cyy = ((ey - my) ** 2).mean(1)
+    cxx = ((ex - mx) ** 2).mean(1)
+    cxy = ((ey - my) * (ex - mx)).mean(1)
+    tr, det = cyy + cxx, cyy * cxx - cxy**2
+    disc = (tr * tr / 4 - det).clamp_min(0).sqrt()
+    elong = ((tr / 2 + disc) / (tr / 2 - disc).clamp_min(1e-6)).sqrt().clamp(1.0, 10.0)
+    inside = (tt <= 0.8 * edge.unsqueeze(2)).float() * (tt + RAY_STEP_UM / 2)
+    h_nuc = _wmean(h, inside, 2).mean(1)
+    dab_nuc = _wmean(dab, inside, 2).mean(1)
+    return Rays(
+        tile=tile,
+        yx_um=yx_um,
+        h=h,
+        dab=dab,
+        t_um=t,
+        edge_um=edge,
+        area_um2=area,
+        elongation=elong,
+        h_nucleus=h_nuc,
+        h_around=hb,
+        dab_nucleus=dab_nuc,
+        density=density,
+        nb_index=nb_index,
+        nb_dist_um=nb_dist,
+    )
+
+
+def measure_compartments(
+    rays: Rays,
+    body_radius_um: torch.Tensor,
+    membrane_cut: float,
+    maps: torch.Tensor,
+    meas_mpp: float,
+    ridge_od: float = 0.04,
+    max_offset_um: float = MAX_OFFSET_UM,
+) -> Compartments:
+    """Cytoplasm and membrane DAB of each cell from its rays and its neighbours' positions.
+
+    Parameters
+    ----------
+    rays : Rays
+    body_radius_um : Tensor (K,)
+        Expected cell body radius by cell type (the power-diagram weight and the outer cap).
+    membrane_cut : float
+        DAB OD at which a ray's membrane counts as stained (the marker's cut).
+    maps : Tensor (N, 2, H, W)
+        Haematoxylin and DAB OD at ``meas_mpp`` (the membrane is re-sampled finely across the edge).
+    ridge_od : float
+        A stained membrane must also stand this much above the cytoplasm next to it, so brown
+        cytoplasm with a pale membrane (PD-L1 cytoplasmic-only staining) is not membrane.
+    max_offset_um : float
+        A ray's membrane stain whose DAB centroid lies further than this outside the cell edge
+        belongs to the neighbour (its own membrane ring is on the other side of the shared edge).
+    """
+    import torch
+
+    k_all, a, s = rays.h.shape
+    dev = rays.h.device
+    if k_all == 0:
+        z = torch.zeros(0, device=dev)
+        return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
+    theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
+    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
+    valid = rays.nb_index >= 0
+    nbi = rays.nb_index.clamp_min(0)
+    d = rays.yx_um[nbi] - rays.yx_um.unsqueeze(1)  # (K, n, 2)
+    d2 = (d**2).sum(-1)
+    rho_i = body_radius_um.view(-1, 1)
+    rho_j = body_radius_um[nbi]
+    proj = torch.einsum("knc,ac->kan", d, dirs)  # (K, A, n)
+    num = (d2 + rho_i**2 - rho_j**2).unsqueeze(1)
+    tb = torch.where(
+        (proj > 1e-3) & valid.unsqueeze(1),
+        num / (2 * proj.clamp_min(1e-3)),
+        torch.full_like(proj, math.inf),
+    )
+    edge_cell = torch.minimum(tb.amin(2), body_radius_um.view(-1, 1))
+    edge_cell = torch.maximum(edge_cell, rays.edge_um + 0.5).clamp(max=RAY_MAX_UM - MEMBRANE_OUT_UM)
+    tt = rays.t_um.view(1, 1, s)
+    ec = edge_cell.unsqueeze(2)
+    en = rays.edge_um.unsqueeze(2)
+    w = tt + RAY_STEP_UM / 2
+    cyto_mask = (tt >= en + 0.75) & (tt <= ec - 1.0)
+    fallback = (tt >= en + 0.25) & (tt <= ec)
+    has = cyto_mask.any(2, keepdim=True)
+    cmask = torch.where(has, cyto_mask, fallback).float() * w
+    cyto_ray = _wmean(rays.dab, cmask, 2)  # (K, A)
+    cytoplasm = _wmean(rays.dab, cmask, 2).mean(1)
+    # Fine DAB profile across the cell edge on every ray: its peak is the membrane, and its
+    # centroid says on which side of the shared edge the stain lies.
+    prof = _edge_profile(maps, meas_mpp, rays.tile, rays.yx_um, dirs, edge_cell)  # (K, A, P)
+    off = torch.tensor(EDGE_OFFSETS_UM, device=dev)
+    own = (off >= -MEMBRANE_IN_UM) & (off <= MEMBRANE_OUT_UM)
+    mem_ray = prof[..., own].amax(2)
+    excess = (prof - prof.amin(2, keepdim=True)).clamp_min(0)
+    centroid = _wmean(off.view(1, 1, -1).expand_as(excess), excess, 2)
+    inner = (tt >= ec - 3.0) & (tt <= ec - 1.5) & (tt >= en + 0.5)
+    inner_ray = torch.where(inner.any(2), _wmean(rays.dab, inner.float(), 2), cyto_ray)
+    stained = (mem_ray >= membrane_cut) & (mem_ray - inner_ray >= ridge_od)
+    stained &= centroid <= max_offset_um
+    coverage = stained.float().mean(1)
+    membrane = mem_ray.mean(1)
+    mstained = _wmean(mem_ray, stained.float(), 1)
+    nucleus = rays.dab_nucleus
+    return Compartments(edge_cell, nucleus, cytoplasm, membrane, mstained, coverage)
+
+
+def _edge_profile(
+    maps: torch.Tensor,
+    meas_mpp: float,
+    tile: torch.Tensor,
+    yx_um: torch.Tensor,
+    dirs: torch.Tensor,
+    edge_um: torch.Tensor,
+) -> torch.Tensor:
+    """DAB at ``EDGE_OFFSETS_UM`` around each ray's cell edge: (K, A, P)."""
+    import torch
+    import torch.nn.functional as F
+
+    n_tiles, _, hh, ww = maps.shape
+    k_all, a = edge_um.shape
+    off = torch.tensor(EDGE_OFFSETS_UM, device=maps.device)
+    p = off.numel()
+    t = edge_um.unsqueeze(2) + off.view(1, 1, -1)  # (K, A, P)
+    pts = yx_um[:, None, None, :] + t.unsqueeze(3) * dirs[None, :, None, :]
+    gx = pts[..., 1] / (meas_mpp * ww) * 2 - 1
+    gy = pts[..., 0] / (meas_mpp * hh) * 2 - 1
+    counts = torch.bincount(tile, minlength=n_tiles)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(k_all, device=maps.device) - offsets[tile]
+    kmax = int(counts.max())
+    grid = torch.zeros((n_tiles, kmax, a * p, 2), device=maps.device)
+    grid[tile, pos] = torch.stack([gx, gy], -1).reshape(k_all, a * p, 2)
+    samp = F.grid_sample(
+        maps[:, 1:2], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return samp[:, 0][tile, pos].reshape(k_all, a, p)

@@ -1,0 +1,322 @@
+"""The scoring model: RGB tiles in, typed cells with compartment DAB and per-tile counts out.
+
+``CellScorer`` is a ``torch.nn.Module`` whose state (stain unmixing, optical-density table, cell-type
+regression) is held in buffers, so ``.to(device)`` moves everything and the forward pass runs the
+same on the CPU and on a GPU. Stages, all batched tensor operations:
+
+1. colour deconvolution (``_stains``), at ~0.5 um/px;
+2. nucleus detection by multi-scale LoG on a ~1 um/px grid (``_detect``);
+3. ray sampling around each nucleus: outline, darkness, elongation, neighbours (``_measure``);
+4. cell typing by softmax regression (``_celltype``), ``none`` detections dropped;
+5. compartments: nucleus, cytoplasm, membrane (power-diagram cell edges) and the marker's rule.
+
+Frames: input tiles are (N, 3, H, W) uint8 at ``mpp``; a ``halo_px`` border of context is measured
+but only cells centred in the core ``[halo, H - halo)`` are reported and counted. Cell positions
+are returned in core pixels of the input (x right, y down).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pathology.scoring._celltype import (
+    FIBROBLAST,
+    LYMPHOCYTE,
+    MACROPHAGE,
+    NONE,
+    TUMOR,
+    CellTypeModel,
+    cell_features,
+)
+from pathology.scoring._detect import DETECT_MPP, detect_nuclei
+from pathology.scoring._markers import MarkerConfig
+from pathology.scoring._measure import (
+    Rays,
+    _neighbours,
+    measure_compartments,
+    sample_rays,
+)
+from pathology.scoring._stains import StainEstimate, deconvolve, log_background
+
+__all__ = ["CELL_FIELDS", "COUNT_NAMES", "CellScorer", "ScoredBatch"]
+
+#: Microns per pixel the compartments are measured at (membranes are ~1.5 um wide).
+MEASURE_MPP = 0.5
+#: Expected body radius (um) per type: the power-diagram weight and the outer cap of a cell.
+TUMOR_BODY_UM, MACROPHAGE_BODY_UM, THIN_RIM_UM = 12.75, 10.5, 1.0
+
+COUNT_NAMES = (
+    "tumor_cells",
+    "tumor_positive",
+    "immune_cells",
+    "immune_positive",
+    "lymphocytes",
+    "macrophages",
+    "other_cells",
+    "tumor_bin0",
+    "tumor_bin1",
+    "tumor_bin2",
+    "tumor_bin3",
+)
+#: Per-cell record fields (see :class:`ScoredBatch`).
+CELL_FIELDS = (
+    "tile",
+    "x",
+    "y",
+    "type",
+    "type_prob",
+    "nucleus_dab",
+    "cytoplasm_dab",
+    "membrane_dab",
+    "membrane_coverage",
+    "scored_dab",
+    "intensity_bin",
+    "positive",
+    "nucleus_area_um2",
+)
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """Model output for N tiles.
+
+    Attributes
+    ----------
+    counts : Tensor (N, len(COUNT_NAMES)) int64
+        Per-tile counts of core cells, columns :data:`COUNT_NAMES`.
+    cells : dict of str -> Tensor (K,)
+        Per-cell records, keys :data:`CELL_FIELDS`: ``tile`` (index in batch), ``x``, ``y`` (core
+        pixels at the input mpp), ``type`` (0 tumour, 1 lymphocyte, 2 macrophage, 3 other),
+        DAB OD per compartment, membrane coverage (0-1), the marker's scored value, intensity bin
+        (0-3), ``positive`` (False for types the marker does not score) and nucleus area.
+    """
+
+    counts: torch.Tensor
+    cells: dict[str, torch.Tensor]
+
+
+class CellScorer(nn.Module):
+    """Physics-based IHC cell scorer.
+
+    Parameters
+    ----------
+    marker : MarkerConfig
+    mpp : float
+        Microns per pixel of the input tiles.
+    cell_types : CellTypeModel
+    stains : StainEstimate, optional
+        Slide stains and glass brightness; reference H-DAB and white glass by default.
+    halo_px : int
+        Context border on each side of the input tiles (not counted).
+    """
+
+    def __init__(
+        self,
+        marker: MarkerConfig,
+        mpp: float,
+        cell_types: CellTypeModel,
+        stains: StainEstimate | None = None,
+        halo_px: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(mpp, (int, float)) and 0.05 <= mpp <= 2.0):
+            raise ValueError(f"mpp must be 0.05-2.0 um/px for cell scoring, got {mpp!r}")
+        self.marker = marker
+        self.mpp = float(mpp)
+        self.halo_px = int(halo_px)
+        self.meas_factor = max(1, round(MEASURE_MPP / self.mpp))
+        self.meas_mpp = self.mpp * self.meas_factor
+        self.det_factor = max(1, round(DETECT_MPP / self.meas_mpp))
+        self.det_mpp = self.meas_mpp * self.det_factor
+        st = stains or StainEstimate()
+        self.stains = st
+        unmix = np.linalg.inv(st.stains.complete()).astype(np.float32)[:, :2]
+        self.register_buffer("log_i0", torch.from_numpy(log_background(st.background)))
+        self.register_buffer("unmix", torch.from_numpy(np.ascontiguousarray(unmix)))
+        self.register_buffer("tw", torch.from_numpy(cell_types.weights))
+        self.register_buffer("tb", torch.from_numpy(cell_types.bias))
+        self.register_buffer("tmean", torch.from_numpy(cell_types.mean))
+        self.register_buffer("tscale", torch.from_numpy(cell_types.scale))
+        rules = marker.cells
+        mem_rules = [r for r in rules.values() if "membrane" in r.compartments]
+        self.membrane_cut = mem_rules[0].cut if mem_rules else 0.2
+
+    # -- stages ------------------------------------------------------------------------------
+    def stain_maps(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 2, h, w) haematoxylin and DAB OD at the measuring resolution."""
+        conc = deconvolve(tiles, self.log_i0, self.unmix)
+        if self.meas_factor > 1:
+            conc = F.avg_pool2d(conc, self.meas_factor)
+        return conc
+
+    def detect(self, maps: torch.Tensor) -> tuple[Rays, torch.Tensor, torch.Tensor]:
+        """Nuclei and their ray features: (rays, LoG response, LoG radius)."""
+        det = maps[:, :1]
+        if self.marker.detection == "haematoxylin+dab":
+            det = det + maps[:, 1:2].clamp_min(0)
+        if self.det_factor > 1:
+            det = F.avg_pool2d(det, self.det_factor)
+        peaks = detect_nuclei(det, self.det_mpp)
+        rays = sample_rays(maps, self.meas_mpp, peaks.tile, peaks.yx_um, peaks.radius_um)
+        return rays, peaks.response, peaks.radius_um
+
+    def classify(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = ((feats - self.tmean) / self.tscale) @ self.tw.T + self.tb
+        p = torch.softmax(z, dim=1)
+        prob, cls = p.max(dim=1)
+        return cls, prob
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, tiles: torch.Tensor) -> ScoredBatch:
+        """Score a batch of tiles.
+
+        Parameters
+        ----------
+        tiles : Tensor (N, 3, H, W) uint8
+            RGB tiles at ``self.mpp``, including ``halo_px`` of context on every side.
+        """
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[1] != 3:
+            raise ValueError(
+                f"tiles must be (N, 3, H, W) uint8, got {tuple(tiles.shape)} {tiles.dtype}"
+            )
+        n, _, hh, ww = tiles.shape
+        maps = self.stain_maps(tiles)
+        rays, response, radius = self.detect(maps)
+        feats = cell_features(rays, response, radius)
+        cls, prob = self.classify(feats)
+        keep = (cls != NONE).nonzero(as_tuple=True)[0]
+        rays = _subset(rays, keep, n)
+        cls, prob = cls[keep], prob[keep]
+        body = torch.full_like(rays.area_um2, TUMOR_BODY_UM)
+        mean_r = rays.edge_um.mean(1)
+        body = torch.where(cls == LYMPHOCYTE, mean_r + THIN_RIM_UM, body)
+        body = torch.where(cls == MACROPHAGE, torch.full_like(body, MACROPHAGE_BODY_UM), body)
+        body = torch.where(cls == FIBROBLAST, mean_r + THIN_RIM_UM, body)
+        comp = measure_compartments(rays, body, self.membrane_cut, maps, self.meas_mpp)
+        return self._score(n, hh, ww, rays, cls, prob, comp)
+
+    def _rule(
+        self, group: str, comp: object, sel: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, scored value) of every cell under the marker's rule for ``group``."""
+        rule = self.marker.cells.get(group)
+        k = sel.numel()
+        if rule is None:
+            return torch.zeros(k, dtype=torch.bool, device=sel.device), torch.zeros(
+                k, device=sel.device
+            )
+        pos_list, val_list = [], []
+        for c in rule.compartments:
+            if c == "nucleus":
+                v = comp.nucleus  # type: ignore[attr-defined]
+                p = v >= rule.cut
+            elif c == "cytoplasm":
+                v = comp.cytoplasm  # type: ignore[attr-defined]
+                p = v >= rule.cut
+            else:
+                p = comp.membrane_coverage >= max(rule.min_membrane_coverage, 1e-6)  # type: ignore[attr-defined]
+                v = torch.where(p, comp.membrane_stained, comp.membrane)  # type: ignore[attr-defined]
+            pos_list.append(p)
+            val_list.append(v)
+        pos = torch.stack(pos_list, 1)
+        val = torch.stack(val_list, 1)
+        if rule.combine == "all":
+            return pos.all(1), val.amin(1)
+        return pos.any(1), val.amax(1)
+
+    def _score(
+        self,
+        n: int,
+        hh: int,
+        ww: int,
+        rays: Rays,
+        cls: torch.Tensor,
+        prob: torch.Tensor,
+        comp: object,
+    ) -> ScoredBatch:
+        dev = cls.device
+        halo = self.halo_px
+        y = rays.yx_um[:, 0] / self.mpp - 0.5
+        x = rays.yx_um[:, 1] / self.mpp - 0.5
+        core = (y >= halo - 0.5) & (y < hh - halo - 0.5) & (x >= halo - 0.5) & (x < ww - halo - 0.5)
+        tum_pos, tum_val = self._rule("tumor", comp, cls)
+        imm_pos, imm_val = self._rule("immune", comp, cls)
+        is_t = cls == TUMOR
+        is_i = (cls == LYMPHOCYTE) | (cls == MACROPHAGE)
+        positive = torch.where(is_t, tum_pos, torch.where(is_i, imm_pos, torch.zeros_like(tum_pos)))
+        scored = torch.where(is_t, tum_val, torch.where(is_i, imm_val, torch.zeros_like(tum_val)))
+        edges = torch.tensor(self.marker.intensity_bins, device=dev)
+        ibin = torch.bucketize(scored, edges, right=True)
+        tile = rays.tile
+        cols = [
+            is_t,
+            is_t & positive,
+            is_i,
+            is_i & positive,
+            cls == LYMPHOCYTE,
+            cls == MACROPHAGE,
+            cls == FIBROBLAST,
+            is_t & (ibin == 0),
+            is_t & (ibin == 1),
+            is_t & (ibin == 2),
+            is_t & (ibin == 3),
+        ]
+        counts = torch.zeros((n, len(cols)), dtype=torch.int64, device=dev)
+        for j, m in enumerate(cols):
+            sel = m & core
+            counts[:, j] = torch.bincount(tile[sel], minlength=n)
+        idx = core.nonzero(as_tuple=True)[0]
+        cells = {
+            "tile": tile[idx],
+            "x": x[idx] - halo,
+            "y": y[idx] - halo,
+            "type": cls[idx].clamp(max=FIBROBLAST),
+            "type_prob": prob[idx],
+            "nucleus_dab": comp.nucleus[idx],  # type: ignore[attr-defined]
+            "cytoplasm_dab": comp.cytoplasm[idx],  # type: ignore[attr-defined]
+            "membrane_dab": torch.where(
+                comp.membrane_coverage > 0,
+                comp.membrane_stained,
+                comp.membrane,  # type: ignore[attr-defined]
+            )[idx],
+            "membrane_coverage": comp.membrane_coverage[idx],  # type: ignore[attr-defined]
+            "scored_dab": scored[idx],
+            "intensity_bin": ibin[idx],
+            "positive": positive[idx],
+            "nucleus_area_um2": rays.area_um2[idx],
+        }
+        return ScoredBatch(counts=counts, cells=cells)
+
+
+def _subset(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
+    """Rays of the kept cells, with neighbours recomputed among them only."""
+    tile = rays.tile[keep]
+    yx = rays.yx_um[keep]
+    nb_index, nb_dist, density = _neighbours(tile, yx, n_tiles)
+    return Rays(
+        tile=tile,
+        yx_um=yx,
+        h=rays.h[keep],
+        dab=rays.dab[keep],
+        t_um=rays.t_um,
+        edge_um=rays.edge_um[keep],
+        area_um2=rays.area_um2[keep],
+        elongation=rays.elongation[keep],
+        h_nucleus=rays.h_nucleus[keep],
+        h_around=rays.h_around[keep],
+        dab_nucleus=rays.dab_nucleus[keep],
+        density=density,
+        nb_index=nb_index,
+        nb_dist_um=nb_dist,
+    )
+
+
+def halo_for(mpp: float) -> int:
+    """Context border (pixels at ``mpp``) that covers a tumour cell's radius plus the LoG support."""
+    return int(math.ceil(16.0 / mpp))
