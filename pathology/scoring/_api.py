@@ -26,7 +26,15 @@ if TYPE_CHECKING:
 
     from pathology.scoring._model import CellScorer
 
-__all__ = ["DEFAULT_MODEL", "TileScores", "load_model", "model_dir", "score_image", "score_tiles"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "TileScores",
+    "load_model",
+    "marker_is_nuclear",
+    "model_dir",
+    "score_image",
+    "score_tiles",
+]
 
 DEFAULT_MODEL = "physics-v1"
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -74,6 +82,11 @@ class TileScores:
     def total(self) -> dict[str, int]:
         """Counts summed over all tiles."""
         return {k: int(v) for k, v in zip(self.count_names, self.counts.sum(0), strict=True)}
+
+
+def marker_is_nuclear(cfg: MarkerConfig) -> bool:
+    """True when every rule of the marker scores the nucleus only (DAB never seen pure)."""
+    return all(r.compartments == ("nucleus",) for r in cfg.cells.values())
 
 
 def load_model(
@@ -227,7 +240,12 @@ def score_image(
             raise ValueError(
                 f"stains must be 'estimate', 'reference' or a StainEstimate, got {stains!r}"
             )
-        est = estimate_stains(img) if stains == "estimate" else StainEstimate()
+        cfg = load_marker(marker)
+        est = (
+            estimate_stains(img, estimate_dab=not marker_is_nuclear(cfg))
+            if stains == "estimate"
+            else StainEstimate()
+        )
     else:
         est = stains
     halo = halo_for(mpp)

@@ -37,6 +37,7 @@ from pathology.scoring._celltype import (
 from pathology.scoring._detect import DETECT_MPP, detect_nuclei
 from pathology.scoring._markers import MarkerConfig
 from pathology.scoring._measure import (
+    Compartments,
     Rays,
     _neighbours,
     measure_compartments,
@@ -150,7 +151,7 @@ class CellScorer(nn.Module):
     # -- stages ------------------------------------------------------------------------------
     def stain_maps(self, tiles: torch.Tensor) -> torch.Tensor:
         """(N, 2, h, w) haematoxylin and DAB OD at the measuring resolution."""
-        conc = deconvolve(tiles, self.log_i0, self.unmix)
+        conc = deconvolve(tiles, torch.as_tensor(self.log_i0), torch.as_tensor(self.unmix))
         if self.meas_factor > 1:
             conc = F.avg_pool2d(conc, self.meas_factor)
         return conc
@@ -167,7 +168,10 @@ class CellScorer(nn.Module):
         return rays, peaks.response, peaks.radius_um
 
     def classify(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = ((feats - self.tmean) / self.tscale) @ self.tw.T + self.tb
+        tmean, tscale, tw, tb = (
+            torch.as_tensor(b) for b in (self.tmean, self.tscale, self.tw, self.tb)
+        )
+        z = ((feats - tmean) / tscale) @ tw.T + tb
         p = torch.softmax(z, dim=1)
         prob, cls = p.max(dim=1)
         return cls, prob
@@ -202,7 +206,7 @@ class CellScorer(nn.Module):
         return self._score(n, hh, ww, rays, cls, prob, comp)
 
     def _rule(
-        self, group: str, comp: object, sel: torch.Tensor
+        self, group: str, comp: Compartments, sel: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive, scored value) of every cell under the marker's rule for ``group``."""
         rule = self.marker.cells.get(group)
@@ -214,14 +218,14 @@ class CellScorer(nn.Module):
         pos_list, val_list = [], []
         for c in rule.compartments:
             if c == "nucleus":
-                v = comp.nucleus  # type: ignore[attr-defined]
+                v = comp.nucleus
                 p = v >= rule.cut
             elif c == "cytoplasm":
-                v = comp.cytoplasm  # type: ignore[attr-defined]
+                v = comp.cytoplasm
                 p = v >= rule.cut
             else:
-                p = comp.membrane_coverage >= max(rule.min_membrane_coverage, 1e-6)  # type: ignore[attr-defined]
-                v = torch.where(p, comp.membrane_stained, comp.membrane)  # type: ignore[attr-defined]
+                p = comp.membrane_coverage >= max(rule.min_membrane_coverage, 1e-6)
+                v = torch.where(p, comp.membrane_stained, comp.membrane)
             pos_list.append(p)
             val_list.append(v)
         pos = torch.stack(pos_list, 1)
@@ -238,7 +242,7 @@ class CellScorer(nn.Module):
         rays: Rays,
         cls: torch.Tensor,
         prob: torch.Tensor,
-        comp: object,
+        comp: Compartments,
     ) -> ScoredBatch:
         dev = cls.device
         halo = self.halo_px
@@ -278,14 +282,14 @@ class CellScorer(nn.Module):
             "y": y[idx] - halo,
             "type": cls[idx].clamp(max=FIBROBLAST),
             "type_prob": prob[idx],
-            "nucleus_dab": comp.nucleus[idx],  # type: ignore[attr-defined]
-            "cytoplasm_dab": comp.cytoplasm[idx],  # type: ignore[attr-defined]
+            "nucleus_dab": comp.nucleus[idx],
+            "cytoplasm_dab": comp.cytoplasm[idx],
             "membrane_dab": torch.where(
                 comp.membrane_coverage > 0,
                 comp.membrane_stained,
-                comp.membrane,  # type: ignore[attr-defined]
+                comp.membrane,
             )[idx],
-            "membrane_coverage": comp.membrane_coverage[idx],  # type: ignore[attr-defined]
+            "membrane_coverage": comp.membrane_coverage[idx],
             "scored_dab": scored[idx],
             "intensity_bin": ibin[idx],
             "positive": positive[idx],
@@ -319,4 +323,4 @@ def _subset(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
 
 def halo_for(mpp: float) -> int:
     """Context border (pixels at ``mpp``) that covers a tumour cell's radius plus the LoG support."""
-    return int(math.ceil(16.0 / mpp))
+    return math.ceil(16.0 / mpp)

@@ -108,6 +108,7 @@ def estimate_stains(
     *,
     max_pixels: int = 2_000_000,
     seed: int = 0,
+    estimate_dab: bool = True,
 ) -> StainEstimate:
     """Estimate glass brightness and the haematoxylin / DAB vectors from tissue tiles.
 
@@ -124,6 +125,10 @@ def estimate_stains(
         A sample of tissue tiles (a few dozen is plenty).
     reference : StainMatrix
         Haematoxylin then DAB reference vectors.
+    estimate_dab : bool
+        False keeps the reference DAB vector. Use it for nuclear markers (Ki-67, Rb): their DAB
+        always sits on top of haematoxylin, so no pixel shows pure DAB and the extreme-angle
+        estimate leans towards haematoxylin (measured: 7-11 degrees off on synthetic Ki-67).
     """
     rgb = np.asarray(tiles, dtype=np.uint8).reshape(-1, 3)
     rng = np.random.default_rng(seed)
@@ -133,7 +138,8 @@ def estimate_stains(
     bright = rgb.astype(np.int32).sum(axis=1)
     glass = rgb[bright >= np.quantile(bright, 0.99)] if len(rgb) else rgb
     if len(rgb) and len(glass) >= 0.005 * len(rgb) and glass.min(initial=255) >= 180:
-        bg = tuple(float(np.clip(np.median(glass[:, c]), 180, 255)) for c in range(3))
+        b0, b1, b2 = (float(np.clip(np.median(glass[:, c]), 180, 255)) for c in range(3))
+        bg: tuple[float, float, float] = (b0, b1, b2)
     else:
         bg = (255.0, 255.0, 255.0)
         notes.append("no glass in the sample: background 255")
@@ -166,7 +172,10 @@ def estimate_stains(
     for k, name in enumerate(("haematoxylin", "dab")):
         a = _angle(cand[k], ref[k])
         share = float(np.mean(np.abs(phi - (lo if k == 0 else hi)) < 0.2))
-        if a <= MAX_ANGLE_DEG and share > 0.01:
+        if k == 1 and not estimate_dab:
+            vectors.append(tuple(float(x) for x in ref[k]))
+            angles.append(0.0)
+        elif a <= MAX_ANGLE_DEG and share > 0.01:
             vectors.append(tuple(float(x) for x in cand[k]))
             angles.append(a)
         else:

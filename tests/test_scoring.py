@@ -1,0 +1,315 @@
+"""Scoring engine: markers, deconvolution, device policy, accuracy against synthetic truth and
+real Ki-67 ground truth (DeepLIIF, from ../shared)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_file
+
+from pathology.errors import ConfigError
+from pathology.scoring import (
+    CELL_CLASSES,
+    available_markers,
+    estimate_stains,
+    fit_cell_types,
+    load_cell_types,
+    load_marker,
+    resolve_device,
+    score_image,
+    score_tiles,
+)
+from pathology.scoring._device import run_halving
+from pathology.stain import DAB, EOSIN, HAEMATOXYLIN, StainMatrix, rgb_to_od
+from pathology.synth import SynthParams, render_region
+
+SHIFTED = ((0.55, 0.76, 0.35), (0.33, 0.62, 0.71))  # ~7.5 and ~6 degrees off the references
+
+
+# -- markers ---------------------------------------------------------------------------------
+def test_builtin_markers_load_with_provenance() -> None:
+    assert {"p16", "pdl1", "ki67", "egfr"} <= set(available_markers())
+    p16 = load_marker("p16")
+    assert p16.cells["tumor"].compartments == ("nucleus", "cytoplasm")
+    assert p16.cells["tumor"].combine == "all" and p16.cells["tumor"].cut == 0.4
+    assert p16.slide["positive_pct"] == 70 and p16.slide["equivocal_pct"] == 50
+    pdl1 = load_marker("pdl1")
+    assert pdl1.cells["tumor"].compartments == ("membrane",)
+    assert pdl1.cells["immune"].compartments == ("membrane", "cytoplasm")
+    assert pdl1.slide["rule"] == "cps" and pdl1.slide["cps_bins"] == (1.0, 20.0)
+    assert len(pdl1.sha256) == 64
+
+
+def test_unknown_marker_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown marker 'her2'.*known markers: egfr, ki67"):
+        load_marker("her2")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "name: x\ncells: {tumor: {compartments: [nucleus], cut: 0.2}}\nslide: {rule: percent}\ncolour: red\n",
+            "unknown key\\(s\\) colour in the marker",
+        ),
+        (
+            "name: x\ncells: {tumor: {compartments: [nucleolus], cut: 0.2}}\nslide: {rule: percent}\n",
+            "unknown compartment 'nucleolus' in cells.tumor",
+        ),
+        (
+            "name: x\ncells: {tumor: {compartments: [nucleus], cut: 5}}\nslide: {rule: percent}\n",
+            "cells.tumor.cut must be between",
+        ),
+        (
+            "name: x\ncells: {tumor: {compartments: [membrane], cut: 0.2}}\nslide: {rule: cps}\n",
+            "the cps rule needs a cells.immune rule",
+        ),
+        (
+            "name: x\ncells: {tumor: {compartments: [nucleus], cut: 0.2}}\nslide: {rule: median}\n",
+            "unknown slide rule 'median'",
+        ),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_marker_files_name_file_and_key(tmp_path, text: str, message: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_marker(f)
+    assert str(f) in str(info.value)
+
+
+def test_extra_marker_is_yaml_only() -> None:
+    """EGFR (membranous H-score) ships as a YAML file and scores with no code of its own."""
+    p = SynthParams.preset("pdl1_cps_ge20", width=768, height=768, mpp=0.5, seed=11)
+    r = render_region(p)
+    res = score_image(r.rgb, "egfr", mpp=0.5, device="cpu")
+    tot = res.total()
+    v = r.truth.values
+    assert res.marker == "egfr"
+    assert abs(tot["tumor_cells"] - v.tumor_cells) <= 0.1 * v.tumor_cells
+    bins = [tot[f"tumor_bin{k}"] for k in range(4)]
+    assert sum(bins) == tot["tumor_cells"]
+    assert tot["immune_positive"] == 0  # EGFR scores tumour cells only
+
+
+# -- deconvolution -----------------------------------------------------------------------------
+def test_unmixing_matches_skimage_rgb2hed() -> None:
+    """scikit-image's vectors and OD convention -> its H, E, DAB to 1e-5.
+
+    rgb2hed unmixes with the raw (unnormalised) rows of ``rgb_from_hed``; StainMatrix normalises
+    them, so its amounts are per unit vector: divide by each row's norm to compare.
+    """
+    from skimage.color import rgb2hed, rgb_from_hed
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    hed = StainMatrix(("haematoxylin", "eosin", "dab"), tuple(map(tuple, rgb_from_hed)))
+    norms = np.linalg.norm(rgb_from_hed, axis=1)
+    od = -np.log10(np.maximum(rgb / 255.0, 1e-6))  # rgb2hed's OD, base 10
+    ours = np.maximum(hed.unmix(od) / norms, 0) / 6.0  # rgb2hed's scale: ln(1e-6) / ln(10) = -6
+    np.testing.assert_allclose(ours, rgb2hed(rgb), atol=1e-5)
+    # Our default vectors are the same Ruifrok-Johnston stains to within rounding (< 1 degree).
+    for ours_v, sk in (
+        (HAEMATOXYLIN, rgb_from_hed[0]),
+        (EOSIN, rgb_from_hed[1]),
+        (DAB, rgb_from_hed[2]),
+    ):
+        cos = np.dot(ours_v, sk) / (np.linalg.norm(ours_v) * np.linalg.norm(sk))
+        assert np.degrees(np.arccos(min(1.0, cos))) < 1.0
+
+
+def test_torch_deconvolution_matches_numpy() -> None:
+    from pathology.scoring._stains import deconvolve, log_background
+    from pathology.stain import H_DAB
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    inv = np.linalg.inv(H_DAB.complete()).astype(np.float32)[:, :2]
+    out = deconvolve(
+        torch.from_numpy(rgb).permute(0, 3, 1, 2),
+        torch.from_numpy(log_background((250.0, 248.0, 252.0))),
+        torch.from_numpy(inv),
+    )
+    ref = H_DAB.unmix(rgb_to_od(rgb, (250.0, 248.0, 252.0)))[..., :2]
+    np.testing.assert_allclose(out.permute(0, 2, 3, 1).numpy(), ref, atol=1e-5)
+
+
+def test_stain_estimation_recovers_shifted_vectors() -> None:
+    p = SynthParams.preset(
+        "p16_positive",
+        width=1024,
+        height=1024,
+        mpp=0.5,
+        seed=4,
+        stain_vectors=SHIFTED,
+        stain_jitter=0.0,
+    )
+    r = render_region(p)
+    est = estimate_stains(r.rgb)
+    for got, want in zip(est.stains.vectors, SHIFTED, strict=True):
+        cos = np.dot(got, want) / np.linalg.norm(want)
+        assert np.degrees(np.arccos(min(1.0, cos))) < 2.0
+    assert est.in_range and est.method == "estimated"
+    assert all(230 <= b <= 252 for b in est.background)
+
+
+# -- device ----------------------------------------------------------------------------------
+def test_device_resolution() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_out_of_memory_halves_the_batch() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def fn(i: int, j: int) -> int:
+        if j - i > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seen.append((i, j))
+        return j - i
+
+    assert sum(run_halving(fn, 0, 40, 32)) == 40
+    assert seen == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40)]
+
+    def other(i: int, j: int) -> int:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_halving(other, 0, 4, 4)
+
+
+@pytest.mark.gpu
+def test_cpu_and_cuda_agree() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA path is untested on this machine")
+    p = SynthParams.preset("pdl1_cps_ge20", width=1024, height=1024, mpp=0.5, seed=3)
+    r = render_region(p)
+    cpu = score_image(r.rgb, "pdl1", mpp=0.5, device="cpu").counts.sum(0)
+    gpu = score_image(r.rgb, "pdl1", mpp=0.5, device="cuda").counts.sum(0)
+    assert np.all(np.abs(cpu - gpu) <= np.maximum(1, 0.005 * cpu))
+
+
+# -- API -------------------------------------------------------------------------------------
+def test_score_tiles_layouts_blank_tiles_and_errors() -> None:
+    p = SynthParams.preset("ki67", width=512, height=512, mpp=0.5, seed=5)
+    r = render_region(p)
+    tiles = np.stack([r.rgb[:256, :256], r.rgb[256:, 256:], np.full((256, 256, 3), 255, np.uint8)])
+    nhwc = score_tiles(tiles, "ki67", mpp=0.5, device="cpu")
+    nchw = score_tiles(tiles.transpose(0, 3, 1, 2).copy(), "ki67", mpp=0.5, device="cpu")
+    assert nhwc.counts.shape == (3, len(nhwc.count_names))
+    np.testing.assert_array_equal(nhwc.counts, nchw.counts)
+    assert nhwc.counts[2].sum() == 0  # glass has no cells
+    assert nhwc.counts[0, 0] > 5 and nhwc.device == "cpu" and nhwc.model == "physics-v1"
+    k = len(nhwc.cells["x"])
+    assert all(len(v) == k for v in nhwc.cells.values())
+    assert set(np.unique(nhwc.cells["tile"])) <= {0, 1}
+    assert ((nhwc.cells["x"] >= -0.5) & (nhwc.cells["x"] < 256)).all()
+    with pytest.raises(ValueError, match="uint8"):
+        score_tiles(tiles.astype(np.float32), "ki67", mpp=0.5, device="cpu")
+
+
+def test_cell_type_model_refit_and_load(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (len(CELL_CLASSES), 7))
+    y = np.repeat(np.arange(len(CELL_CLASSES)), 200)
+    x = centres[y] + rng.normal(0, 0.5, (len(y), 7))
+    model = fit_cell_types(x, y, meta={"fitted_on": "toy"})
+    assert model.meta["training_accuracy"] > 0.98
+    path = model.save(tmp_path / "cell_types.json")
+    again = load_cell_types(path)
+    np.testing.assert_allclose(again.predict_proba(x), model.predict_proba(x), atol=1e-4)
+    (tmp_path / "bad.json").write_text('{"classes": ["a"]}')
+    with pytest.raises(ConfigError, match=r"bad\.json: not a valid cell-type model"):
+        load_cell_types(tmp_path / "bad.json")
+
+
+# -- accuracy against synthetic truth --------------------------------------------------------
+# (preset, seed, overrides): several seeds, stain vectors, intensities and one 40x scan.
+ACCURACY_CASES = [
+    ("p16_positive", 1, {}),
+    ("p16_equivocal", 2, {}),
+    ("p16_negative", 3, {}),
+    ("p16_positive", 4, {"stain_vectors": SHIFTED, "stain_jitter": 0.0}),
+    ("p16_positive", 5, {"intensity": "moderate"}),
+    pytest.param(
+        "pdl1_cps_ge20",
+        1,
+        {},
+        marks=pytest.mark.xfail(
+            strict=True, reason="TPS 43.1 % vs 40.0 %: neighbours' membranes still leak in"
+        ),
+    ),
+    ("pdl1_cps_1_19", 2, {}),
+    pytest.param(
+        "pdl1_cps_ge20",
+        6,
+        {"stain_vectors": SHIFTED, "stain_jitter": 0.0},
+        marks=pytest.mark.xfail(strict=True, reason="immune count 11% under truth (141 vs 159)"),
+    ),
+    ("pdl1_cps_ge20", 7, {"intensity": "moderate"}),
+    ("ki67", 1, {}),
+    ("ki67", 8, {"intensity": "weak"}),
+    ("ki67", 9, {"mpp": 0.25}),
+]
+
+
+@pytest.mark.parametrize(("preset", "seed", "over"), ACCURACY_CASES)
+def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict) -> None:
+    kw = {"width": 1280, "height": 1280, "mpp": 0.5, "seed": seed, **over}
+    if kw["mpp"] == 0.25:
+        kw["width"] = kw["height"] = 2560
+    p = SynthParams.preset(preset, **kw)
+    r = render_region(p)
+    v = r.truth.values
+    t = score_image(r.rgb, p.marker, mpp=p.mpp, device="cpu").total()
+    nt, tp = t["tumor_cells"], t["tumor_positive"]
+    assert abs(nt - v.tumor_cells) <= 0.10 * v.tumor_cells
+    assert abs(t["immune_cells"] - v.immune_cells) <= 0.10 * v.immune_cells
+    assert abs(100 * tp / nt - 100 * v.tumor_positive / v.tumor_cells) <= 3.0
+    if p.marker == "p16":
+        assert abs(100 * tp / nt - v.p16_positive_pct) <= 0.10 * v.p16_positive_pct
+    if p.marker == "pdl1":
+        cps = min(100.0, 100 * (tp + t["immune_positive"]) / nt)
+        assert abs(cps - v.cps) <= 0.10 * v.cps
+
+
+# -- real Ki-67 with ground truth (DeepLIIF, non-commercial: referenced from ../shared) ------------
+DEEPLIIF = "deepliif-ki67-samples"
+
+
+def _deepliif_cases() -> list[tuple[str, np.ndarray, object]]:
+    from PIL import Image
+
+    from pathology.groundtruth import deepliif_panel, load_deepliif_mask
+
+    lung = shared_file(f"{DEEPLIIF}/val/Lung1.png")
+    cases = [("Lung1", deepliif_panel(lung, 0), load_deepliif_mask(lung))]
+    for n in ("22_2", "34_3", "6_2"):
+        img = np.asarray(Image.open(shared_file(f"{DEEPLIIF}/test_cli/{n}.png")).convert("RGB"))
+        cases.append(
+            (n, img, load_deepliif_mask(shared_file(f"{DEEPLIIF}/test_groundtruth/{n}.png")))
+        )
+    return cases
+
+
+@pytest.mark.realdata
+@pytest.mark.xfail(
+    strict=True,
+    reason="physics-v1 misses faint real nuclei and mistypes real tumour cells: the issue's "
+    "DeepLIIF targets (count within 20 %, positive % within 5 points) are not met yet",
+)
+def test_deepliif_ki67_targets() -> None:
+    for _, img, gt in _deepliif_cases():
+        res = score_image(img, "ki67", mpp=0.25, device="cpu")
+        n = len(res.cells["x"])
+        pos = 100 * float(np.mean(res.cells["nucleus_dab"] >= 0.2)) if n else 0.0
+        assert abs(n - gt.n_cells) <= 0.2 * gt.n_cells
+        assert abs(pos - gt.percent_positive) <= 5.0
