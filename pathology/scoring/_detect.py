@@ -117,6 +117,20 @@ def _subpixel(
     return off(r[n, ym, x], r[n, yp, x]), off(r[n, y, xm], r[n, y, xp])
 
 
+def tile_slots(tile: torch.Tensor, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Slots of items sorted by tile in a padded (n_tiles, kmax) layout.
+
+    Returns ``offsets`` (n_tiles,) (first item of each tile), ``pos`` (K,) (slot of each item in its
+    tile) and ``kmax`` (the most items in one tile), so ``pad[tile, pos] = values`` scatters.
+    """
+    import torch
+
+    counts = torch.bincount(tile, minlength=n_tiles)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(tile.numel(), device=tile.device) - offsets[tile]
+    return offsets, pos, int(counts.max()) if tile.numel() else 0
+
+
 def _suppress(
     n: torch.Tensor,
     y: torch.Tensor,
@@ -133,10 +147,7 @@ def _suppress(
     dev = n.device
     if k == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev)
-    counts = torch.bincount(n, minlength=n_tiles)
-    offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(k, device=dev) - offsets[n]
-    kmax = int(counts.max())
+    _, pos, kmax = tile_slots(n, n_tiles)
     rad = torch.tensor(sig_px, device=dev)[scale] * (NMS_FRACTION * math.sqrt(2.0))
     yx = torch.full((n_tiles, kmax, 2), 1e9, device=dev)
     yx[n, pos] = torch.stack([y, x], 1).float()

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pathology.scoring._detect import tile_slots
+
 if TYPE_CHECKING:
     import torch
 
@@ -94,10 +96,7 @@ def _neighbours(
     if k_all == 0:
         z = torch.zeros((0, N_NEIGHBOURS), device=dev)
         return z.long(), z, torch.zeros(0, device=dev)
-    counts = torch.bincount(tile, minlength=n_tiles)
-    offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(k_all, device=dev) - offsets[tile]
-    kmax = int(counts.max())
+    offsets, pos, kmax = tile_slots(tile, n_tiles)
     pad = torch.full((n_tiles, kmax, 2), math.inf, device=dev)
     pad[tile, pos] = yx
     d = torch.cdist(pad, pad)  # (N, kmax, kmax); inf rows/cols for padding
@@ -134,10 +133,9 @@ def sample_rays(
         Detections (tile index, centre in um, LoG radius in um), ordered by tile.
     """
     import torch
-    import torch.nn.functional as F
 
     dev = maps.device
-    n_tiles, _, hh, ww = maps.shape
+    n_tiles = maps.shape[0]
     k_all = tile.numel()
     a = RAY_ANGLES
     t = torch.arange(0.0, RAY_MAX_UM + 1e-6, RAY_STEP_UM, device=dev)
@@ -165,18 +163,8 @@ def sample_rays(
             nb_dist,
         )
 
-    counts = torch.bincount(tile, minlength=n_tiles)
-    offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(k_all, device=dev) - offsets[tile]
-    kmax = int(counts.max())
     pts = yx_um[:, None, None, :] + t[None, None, :, None] * dirs[None, :, None, :]  # (K, A, S, 2)
-    # grid_sample wants (x, y) normalised so -1 / +1 are the outer pixel edges.
-    gx = pts[..., 1] / (meas_mpp * ww) * 2 - 1
-    gy = pts[..., 0] / (meas_mpp * hh) * 2 - 1
-    grid = torch.zeros((n_tiles, kmax, a * s, 2), device=dev)
-    grid[tile, pos] = torch.stack([gx, gy], -1).reshape(k_all, a * s, 2)
-    samp = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    samp = samp.permute(0, 2, 1, 3)[tile, pos]  # (K, 2, A*S)
+    samp = sample_points(maps, meas_mpp, tile, pts.reshape(k_all, a * s, 2))  # (K, 2, A*S)
     h = samp[:, 0].reshape(k_all, a, s)
     dab = samp[:, 1].reshape(k_all, a, s)
 
@@ -319,23 +307,31 @@ def _edge_profile(
 ) -> torch.Tensor:
     """DAB at ``EDGE_OFFSETS_UM`` around each ray's cell edge: (K, A, P)."""
     import torch
-    import torch.nn.functional as F
 
-    n_tiles, _, hh, ww = maps.shape
     k_all, a = edge_um.shape
     off = torch.tensor(EDGE_OFFSETS_UM, device=maps.device)
     p = off.numel()
     t = edge_um.unsqueeze(2) + off.view(1, 1, -1)  # (K, A, P)
     pts = yx_um[:, None, None, :] + t.unsqueeze(3) * dirs[None, :, None, :]
-    gx = pts[..., 1] / (meas_mpp * ww) * 2 - 1
-    gy = pts[..., 0] / (meas_mpp * hh) * 2 - 1
-    counts = torch.bincount(tile, minlength=n_tiles)
-    offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(k_all, device=maps.device) - offsets[tile]
-    kmax = int(counts.max())
-    grid = torch.zeros((n_tiles, kmax, a * p, 2), device=maps.device)
-    grid[tile, pos] = torch.stack([gx, gy], -1).reshape(k_all, a * p, 2)
-    samp = F.grid_sample(
-        maps[:, 1:2], grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return samp[:, 0][tile, pos].reshape(k_all, a, p)
+    samp = sample_points(maps[:, 1:2], meas_mpp, tile, pts.reshape(k_all, a * p, 2))
+    return samp[:, 0].reshape(k_all, a, p)
+
+
+def sample_points(
+    maps: torch.Tensor, meas_mpp: float, tile: torch.Tensor, yx_um: torch.Tensor
+) -> torch.Tensor:
+    """Bilinear samples of ``maps`` (N, C, H, W) at M points per item: ``yx_um`` (K, M, 2) in um
+    from the top-left corner of tile ``tile`` (K,); returns (K, C, M). One ``grid_sample`` call."""
+    import torch
+    import torch.nn.functional as F
+
+    n_tiles, _, hh, ww = maps.shape
+    m = yx_um.shape[1]
+    _, pos, kmax = tile_slots(tile, n_tiles)
+    # grid_sample wants (x, y) normalised so -1 / +1 are the outer pixel edges.
+    gx = yx_um[..., 1] / (meas_mpp * ww) * 2 - 1
+    gy = yx_um[..., 0] / (meas_mpp * hh) * 2 - 1
+    grid = torch.zeros((n_tiles, kmax, m, 2), device=maps.device)
+    grid[tile, pos] = torch.stack([gx, gy], -1)
+    samp = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return samp.permute(0, 2, 1, 3)[tile, pos]
