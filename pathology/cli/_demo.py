@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     # Not a terminal (a log, CI): rich would wrap at 80 columns; a wider table stays readable.
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 140).print(table)
     print(
-        "Scoring (cell model, slide calls) is not built yet: the table shows the stages that exist."
+        "Slide scoring (`pathology score`, slide calls) is not wired in yet: the table shows the stages that run;"
+        " the cell model itself is available as `pathology.scoring`."
     )
     print(f"Results: {out_dir}/demo.json; tissue masks and tile stores: {out_dir}/<slide>/")
     return 0
