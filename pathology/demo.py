@@ -1,7 +1,8 @@
-"""The built-in demo: synthesise a p16 and a PD-L1 slide and run every stage that exists on them.
+"""The built-in demo: synthesise a p16 and a PD-L1 slide and run the whole scoring path on them.
 
-The demo is the quick start's proof that an install works end to end, and it grows with the pipeline:
-each stage that lands adds its step here and its columns to :class:`DemoResult`.
+The demo is the quick start's proof that an install works end to end: it writes exactly what
+``pathology score`` writes (``slides.csv``, ``report.html``, per-slide tile store, ``tiles.parquet``,
+cells, heatmap) and puts each measured call next to the synthetic truth in :class:`DemoResult`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pathology.errors import OutputExistsError
+from pathology.errors import OutputExistsError, PathologyError
+
+if TYPE_CHECKING:
+    from pathology.batch import BatchProgress
 
 __all__ = ["DEMO_SLIDES", "DemoResult", "default_demo_dir", "run_demo"]
 
@@ -48,10 +52,18 @@ class DemoResult:
     truth_cps: float | None
     truth_tps: float | None
     tissue_tiles: int
-    tiles_per_s: float
+    call: str
+    tumor_cells: int
+    immune_cells: int
+    positive_pct: float | None
+    cps: float | None
+    tps: float | None
+    evaluable: bool
+    qc_flags: str
+    device: str
     seconds_synth: float
     seconds_tissue: float
-    seconds_tiling: float
+    seconds_scoring: float
 
 
 def default_demo_dir() -> Path:
@@ -88,10 +100,12 @@ def run_demo(
     size_px: tuple[int, int] = (4096, 3072),
     mpp: float = 0.5,
     seed: int = 7,
+    device: str = "auto",
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    batch_progress: BatchProgress | None = None,
 ) -> list[DemoResult]:
-    """Synthesise the demo slides (reusing them when already there) and run the existing stages.
+    """Synthesise the demo slides (reusing them when already there) and score them.
 
     Parameters
     ----------
@@ -103,10 +117,14 @@ def run_demo(
         Microns per level-0 pixel of the synthetic slides.
     seed : int
         Seed of the first slide (the next gets ``seed + 1``).
+    device : str
+        Scoring device (``auto`` = CUDA when present).
     overwrite : bool
         Allow writing into a non-empty folder that the demo did not make.
     progress : callable, optional
         Called with a short message as each step starts.
+    batch_progress : BatchProgress, optional
+        Receives the scoring progress events (the CLI's bars).
 
     Returns
     -------
@@ -115,6 +133,7 @@ def run_demo(
     import numpy as np
     from skimage.transform import resize
 
+    from pathology.batch import ScoreSettings, SlideJob, score_slides
     from pathology.slide import open_slide
     from pathology.synth import SynthParams, load_truth, synthesize_slide
     from pathology.tissue import compute_tissue_mask
@@ -122,7 +141,7 @@ def run_demo(
     say = progress or (lambda msg: log.info(msg))
     root = Path(out_dir) if out_dir is not None else default_demo_dir()
     _claim_dir(root, overwrite)
-    results: list[DemoResult] = []
+    prepared = []
     for i, (slide_id, preset) in enumerate(DEMO_SLIDES.items()):
         params = SynthParams.preset(
             preset, width=size_px[0], height=size_px[1], mpp=mpp, seed=seed + i
@@ -154,17 +173,33 @@ def run_demo(
         slide_dir = root / slide_id
         slide_dir.mkdir(exist_ok=True)
         tissue.to_png(slide_dir / "tissue.png")
+        prepared.append((slide_id, svs, truth, info, tissue, reuse, t_synth, t_tissue))
 
-        say(f"{slide_id}: tiling at 0.5 um/px")
-        from pathology.tiling import tile_slide
+    say("scoring")
+    jobs = [
+        SlideJob(slide_id=sid, path=svs, marker=truth.marker) for sid, svs, truth, *_ in prepared
+    ]
+    # Slides synthesised anew replace the previous run's results; reused ones keep theirs.
+    overwrite_results = overwrite or not all(item[5] for item in prepared)
+    batch = score_slides(
+        jobs,
+        root,
+        ScoreSettings(device=device),
+        overwrite=overwrite_results,
+        progress=batch_progress,
+    )
+    if batch.failures:
+        raise PathologyError(f"demo scoring failed: {batch.failures[0].error}")
+    rows = {o.slide_id: o.row for o in batch.done}
 
-        tiling = tile_slide(svs, slide_dir / "tiles.zarr", target_mpp=0.5, overwrite=not reuse)
+    from PIL import Image
 
-        from PIL import Image
-
+    results: list[DemoResult] = []
+    for slide_id, svs, truth, info, tissue, _reuse, t_synth, t_tissue in prepared:
         true_mask = np.asarray(Image.open(root / truth.tissue_mask["file"])) > 0
         ours = resize(tissue.mask, true_mask.shape, order=0, anti_aliasing=False) > 0
         v = truth.values
+        row = rows[slide_id]
         results.append(
             DemoResult(
                 slide_id=slide_id,
@@ -182,11 +217,19 @@ def run_demo(
                 truth_p16_positive_pct=v.p16_positive_pct,
                 truth_cps=v.cps,
                 truth_tps=v.tps,
-                tissue_tiles=tiling.tissue_tiles,
-                tiles_per_s=round(tiling.tiles_per_s, 1),
+                tissue_tiles=int(row["tissue_tiles"]),
+                call=str(row["call"]),
+                tumor_cells=int(row["tumor_cells"]),
+                immune_cells=int(row["immune_cells"]),
+                positive_pct=row["positive_pct"],
+                cps=row["cps"],
+                tps=row["tps"],
+                evaluable=bool(row["evaluable"]),
+                qc_flags=str(row["qc_flags"]),
+                device=str(row["device"]),
                 seconds_synth=round(t_synth, 2),
                 seconds_tissue=round(t_tissue, 2),
-                seconds_tiling=round(tiling.seconds, 2),
+                seconds_scoring=float(row["seconds"]),
             )
         )
     (root / "demo.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

@@ -18,7 +18,7 @@ from pathology import __version__
 from pathology.errors import PathologyError
 
 # Order = order in ``--help``.
-_SUBCOMMANDS = ("info", "tissue", "tile", "bench", "synth", "demo", "stratify")
+_SUBCOMMANDS = ("info", "tissue", "tile", "score", "bench", "synth", "demo", "stratify")
 
 log = logging.getLogger("pathology")
 

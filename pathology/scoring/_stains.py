@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -63,6 +63,21 @@ class StainEstimate:
             "method": self.method,
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StainEstimate:
+        """The estimate :meth:`to_dict` wrote (a resumed run scores with the same stains)."""
+        return cls(
+            stains=StainMatrix(
+                ("haematoxylin", "dab"),
+                (tuple(d["haematoxylin"]), tuple(d["dab"])),
+            ),
+            background=tuple(float(v) for v in d["background"]),  # type: ignore[arg-type]
+            angles_deg=tuple(float(v) for v in d["angles_deg"]),  # type: ignore[arg-type]
+            in_range=bool(d["in_range"]),
+            method=str(d["method"]),
+            notes=tuple(d.get("notes", ())),
+        )
 
 
 def log_background(background: tuple[float, float, float]) -> NDArray[np.float32]:

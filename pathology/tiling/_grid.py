@@ -158,6 +158,22 @@ class TileGrid:
             "grid_shape": list(self.shape),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TileGrid:
+        """The grid :meth:`to_dict` described (derived keys are ignored)."""
+        size: list[int] = list(d["l0_size"])  # type: ignore[call-overload]
+        return cls(
+            l0_size=(int(size[0]), int(size[1])),
+            slide_mpp=float(d["slide_mpp"]),  # type: ignore[arg-type]
+            target_mpp=float(d["target_mpp"]),  # type: ignore[arg-type]
+            tile_px=int(d["tile_px"]),  # type: ignore[call-overload]
+            overlap_px=int(d["overlap_px"]),  # type: ignore[call-overload]
+            level=int(d["level"]),  # type: ignore[call-overload]
+            level_downsample=float(d["level_downsample"]),  # type: ignore[arg-type]
+            factor=float(d["factor"]),  # type: ignore[arg-type]
+            snapped=bool(d["snapped"]),
+        )
+
 
 def plan_grid(
     l0_size: tuple[int, int],

@@ -1,0 +1,218 @@
+"""Score a tile store shard by shard, resumably, with reading overlapped with the model.
+
+A shard (``shard_tiles x shard_tiles`` tiles, the store's write unit) is read from the Zarr store
+as ONE region with a halo of context around it, cut into overlapping tiles (tile + halo on every
+side), scored as one batch, and its per-tile counts and cells are saved to ``parts/`` as one file,
+written atomically. A rerun scores only the shards without a part file, so a run killed at any
+instant resumes where it stopped and gives the same numbers.
+
+Frames: ``out_*`` pixels of the store image at the store's mpp; tile ``(row, col)`` covers
+``[col * tile_px, (col + 1) * tile_px)`` in x. Cell ``x``/``y`` in the part files are ``out``
+pixel coordinates (pixel ``i``'s centre is ``i``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pathology._io import write_bytes
+
+if TYPE_CHECKING:
+    from pathology.scoring._model import CellScorer
+    from pathology.tiling import TileStore
+
+__all__ = ["Shard", "StoreScores", "load_parts", "plan_shards", "read_shard_tiles", "score_store"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The tissue tiles of one store shard.
+
+    Attributes
+    ----------
+    shard_rc : (int, int)
+    index : ndarray (k,) int64
+        Rows of the store's tile table.
+    tiles_rc : ndarray (k, 2) int64
+        (row, col) of each tile.
+    """
+
+    shard_rc: tuple[int, int]
+    index: NDArray[np.int64]
+    tiles_rc: NDArray[np.int64]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.shard_rc[0]:04d}-{self.shard_rc[1]:04d}.npz"
+
+
+@dataclass(frozen=True)
+class StoreScores:
+    """Counts and cells of every tissue tile of a store.
+
+    Attributes
+    ----------
+    counts : ndarray (n_tiles, C) int64
+        Aligned with the store's tile table; columns ``count_names``.
+    count_names : tuple of str
+    cells : dict of str -> ndarray (K,)
+        :data:`~pathology.scoring.CELL_FIELDS` with ``tile`` the table row and ``x``/``y`` in
+        ``out`` pixels of the whole store image.
+    shards_scored, shards_skipped : int
+        Shards scored by this call / found done from an earlier run.
+    """
+
+    counts: NDArray[np.int64]
+    count_names: tuple[str, ...]
+    cells: dict[str, NDArray[Any]]
+    shards_scored: int
+    shards_skipped: int
+
+
+def plan_shards(table: dict[str, NDArray[Any]], shard_tiles: int) -> list[Shard]:
+    """Group the tile table's rows by shard, shards in row-major order."""
+    rc = np.stack([table["row"], table["col"]], 1).astype(np.int64)
+    key = rc // shard_tiles
+    shards = []
+    for s in sorted({(int(a), int(b)) for a, b in key.tolist()}):
+        idx = np.flatnonzero((key[:, 0] == s[0]) & (key[:, 1] == s[1])).astype(np.int64)
+        shards.append(Shard(s, idx, rc[idx]))
+    return shards
+
+
+def read_shard_tiles(
+    image: Any, tiles_rc: NDArray[np.int64], tile_px: int, halo_px: int
+) -> NDArray[np.uint8]:
+    """Tiles (k, 3, T + 2 halo, T + 2 halo) uint8 cut from one read of their bounding region.
+
+    ``image`` is the store's (3, H, W) array; pixels outside it are white glass.
+    """
+    _, h, w = image.shape
+    t, o = tile_px, halo_px
+    r0, c0 = (int(v) for v in tiles_rc.min(0))
+    r1, c1 = (int(v) + 1 for v in tiles_rc.max(0))
+    y0, x0 = r0 * t - o, c0 * t - o
+    y1, x1 = r1 * t + o, c1 * t + o
+    region = np.full((3, y1 - y0, x1 - x0), 255, np.uint8)
+    ya, xa, yb, xb = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
+    if yb > ya and xb > xa:
+        region[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = image[:, ya:yb, xa:xb]
+    side = t + 2 * o
+    out = np.empty((len(tiles_rc), 3, side, side), np.uint8)
+    for k, (r, c) in enumerate(tiles_rc.tolist()):
+        oy, ox = (r - r0) * t, (c - c0) * t
+        out[k] = region[:, oy : oy + side, ox : ox + side]
+    return out
+
+
+def _save_part(path: Path, shard: Shard, counts: NDArray[Any], cells: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, index=shard.index, counts=counts, **{f"cell_{k}": v for k, v in cells.items()})
+    write_bytes(path, buf.getvalue())
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor, fn: Callable[[Shard], Any], items: list[Shard], depth: int
+) -> Iterator[tuple[Shard, Any]]:
+    """Yield ``(item, fn(item))`` in order while up to ``depth`` later items are read ahead."""
+    queue: deque[tuple[Shard, Future[Any]]] = deque()
+    it = iter(items)
+    for item in it:
+        queue.append((item, pool.submit(fn, item)))
+        if len(queue) >= depth:
+            break
+    while queue:
+        item, fut = queue.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append((nxt, pool.submit(fn, nxt)))
+        yield item, fut.result()
+
+
+def score_store(
+    store: TileStore,
+    scorer: CellScorer,
+    parts_dir: Path,
+    *,
+    batch_size: int = 64,
+    read_workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> StoreScores:
+    """Score every tissue tile of ``store`` with ``scorer``; resumable through ``parts_dir``.
+
+    Parameters
+    ----------
+    store : TileStore
+    scorer : CellScorer
+        Built for the store's mpp with a ``halo_px`` of context (:func:`pathology.scoring.load_model`).
+    parts_dir : Path
+        One ``shard-RRRR-CCCC.npz`` per scored shard; existing ones are reused.
+    batch_size : int
+        Tiles per forward pass.
+    read_workers : int
+        Threads reading and cutting shards ahead of the model.
+    progress : callable(tiles_done, tiles_total), optional
+    """
+    from pathology.scoring._api import run_model
+    from pathology.scoring._model import COUNT_NAMES
+
+    meta = store.meta
+    tile_px = int(meta["grid"]["tile_px"])
+    table = store.table()
+    n = len(table["row"])
+    shards = plan_shards(table, int(meta["shard_tiles"]))
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    pending = [s for s in shards if not (parts_dir / s.name).exists()]
+    done = n - sum(len(s.index) for s in pending)
+    if progress is not None:
+        progress(done, n)
+    halo = int(scorer.halo_px)
+    image = store.image
+    if pending:
+        with ThreadPoolExecutor(max_workers=max(1, read_workers)) as pool:
+            reader = lambda s: read_shard_tiles(image, s.tiles_rc, tile_px, halo)  # noqa: E731
+            for shard, tiles in _prefetch(pool, reader, pending, depth=max(2, read_workers)):
+                res = run_model(scorer, tiles, batch_size)
+                cells = dict(res.cells)
+                if cells:
+                    local = cells["tile"]
+                    cells["x"] = cells["x"].astype(np.float64) + shard.tiles_rc[local, 1] * tile_px
+                    cells["y"] = cells["y"].astype(np.float64) + shard.tiles_rc[local, 0] * tile_px
+                    cells["tile"] = shard.index[local]
+                _save_part(parts_dir / shard.name, shard, res.counts, cells)
+                done += len(shard.index)
+                if progress is not None:
+                    progress(done, n)
+    counts, cells = load_parts(parts_dir, shards, n, len(COUNT_NAMES))
+    return StoreScores(
+        counts=counts,
+        count_names=COUNT_NAMES,
+        cells=cells,
+        shards_scored=len(pending),
+        shards_skipped=len(shards) - len(pending),
+    )
+
+
+def load_parts(
+    parts_dir: Path, shards: list[Shard], n_tiles: int, n_counts: int
+) -> tuple[NDArray[np.int64], dict[str, NDArray[Any]]]:
+    """Per-tile counts (aligned with the tile table) and all cells from the part files."""
+    counts = np.zeros((n_tiles, n_counts), np.int64)
+    pieces: dict[str, list[NDArray[Any]]] = {}
+    for shard in shards:
+        with np.load(parts_dir / shard.name) as part:
+            counts[part["index"]] = part["counts"]
+            for key in part.files:
+                if key.startswith("cell_"):
+                    pieces.setdefault(key[5:], []).append(part[key])
+    cells = {k: np.concatenate(v) for k, v in pieces.items()}
+    return counts, cells

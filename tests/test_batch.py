@@ -1,0 +1,248 @@
+"""``pathology score``: synthetic slides with known truth through the whole batch path.
+
+One batch (a manifest of seven synthetic slides and five bad inputs) is scored once per module; the
+tests then check calls and values against the synthetic truth, the output contract, the failure
+reports, reruns, a changed setting, and a run killed with SIGKILL and resumed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pathology.cli import main
+
+SIZE = 2048  # px at 0.5 um/px: ~1,000 tumour cells, 45 tissue tiles, one shard
+SLIDES = {
+    "p16-pos": "p16_positive",
+    "p16-equiv": "p16_equivocal",
+    "p16-neg": "p16_negative",
+    "pdl1-lt1": "pdl1_cps_lt1",
+    "pdl1-1-19": "pdl1_cps_1_19",
+    "pdl1-ge20": "pdl1_cps_ge20",
+    "pdl1-few": "pdl1_few_tumor",
+}
+REQUIRED = (
+    "slide_id,path,marker,call,tumor_cells,tumor_positive,immune_cells,immune_positive,"
+    "positive_pct,cps,tps,h_score,evaluable,qc_flags,device,model,version,seconds"
+).split(",")
+
+
+def _synth(folder: Path, slide_id: str, preset: str, seed: int, **more: Any) -> Path:
+    from pathology.synth import SynthParams, synthesize_slide
+
+    params = SynthParams.preset(preset, width=SIZE, height=SIZE, mpp=0.5, seed=seed, **more)
+    path = folder / f"{slide_id}.svs"
+    synthesize_slide(params, path, overwrite=True)
+    return path
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from PIL import Image
+
+    from pathology.synth import load_truth
+
+    root = tmp_path_factory.mktemp("batch")
+    slides = root / "slides"
+    slides.mkdir()
+    truth = {}
+    for seed, (sid, preset) in enumerate(SLIDES.items(), start=11):
+        path = _synth(slides, sid, preset, seed)
+        truth[sid] = load_truth(path.with_suffix(".truth.json"))
+    # Bad inputs: a text file named .svs, a truncated slide, an image without a pixel size,
+    # a file that is not there, an unknown marker.
+    (slides / "notes.svs").write_text("not a slide\n")
+    data = (slides / "p16-pos.svs").read_bytes()
+    (slides / "truncated.svs").write_bytes(data[: len(data) // 3])
+    Image.fromarray(np.full((512, 512, 3), 200, np.uint8)).save(slides / "nompp.png")
+    manifest = root / "manifest.csv"
+    lines = ["path,marker,slide_id,patient_id"]
+    for sid in SLIDES:
+        lines.append(f"slides/{sid}.svs,{truth[sid].marker},{sid},P-{sid}")
+    lines += [
+        "slides/notes.svs,p16,notes,",
+        "slides/truncated.svs,p16,truncated,",
+        "slides/nompp.png,pdl1,nompp,",
+        "slides/missing.svs,pdl1,missing,",
+        "slides/p16-pos.svs,her2,unknown-marker,",
+    ]
+    manifest.write_text("\n".join(lines) + "\n")
+    out = root / "out"
+    argv = ["score", "--manifest", str(manifest), "--out", str(out), "--workers", "1"]
+    rc = main(argv)
+    return {"root": root, "out": out, "argv": argv, "rc": rc, "truth": truth, "slides": slides}
+
+
+@pytest.mark.parametrize("sid", list(SLIDES))
+def test_call_and_value_match_truth(batch: dict[str, Any], sid: str) -> None:
+    row = _rows(batch["out"] / "slides.csv")[sid]
+    v = batch["truth"][sid].values
+    assert row["call"] == v.call, (row, v)
+    assert row["evaluable"] == ("true" if v.evaluable else "false")
+    assert row["patient_id"] == f"P-{sid}"
+    if not v.evaluable:
+        assert row["call"] == "not_evaluable" and "few_tumor_cells" in row["qc_flags"]
+        assert int(row["tumor_cells"]) < 100
+        return
+    assert abs(int(row["tumor_cells"]) - v.tumor_cells) <= 0.10 * v.tumor_cells
+    assert abs(int(row["immune_cells"]) - v.immune_cells) <= 0.15 * v.immune_cells
+    if v.p16_positive_pct is not None:
+        assert row["marker"] == "p16" and row["cps"] == "" and row["tps"] == ""
+        assert abs(float(row["positive_pct"]) - v.p16_positive_pct) <= 3.0
+        assert row["p16_positive_pct"] == row["positive_pct"]
+    if v.cps is not None:
+        assert row["marker"] == "pdl1" and row["positive_pct"] == ""
+        cps, tps = float(row["cps"]), float(row["tps"])
+        if v.cps >= 1:
+            assert abs(cps - v.cps) <= 0.10 * v.cps, (cps, v.cps)
+        else:
+            assert cps < 1
+        assert abs(tps - v.tps) <= 5.0
+        # Summed counts, never averaged tile scores.
+        expected = min(
+            100.0,
+            100
+            * (int(row["tumor_positive"]) + int(row["immune_positive"]))
+            / int(row["tumor_cells"]),
+        )
+        assert cps == pytest.approx(expected, abs=0.006)
+
+
+def test_output_contract(batch: dict[str, Any]) -> None:
+    import pandas as pd
+
+    from pathology.tiling import TileStore
+
+    out = batch["out"]
+    with (out / "slides.csv").open() as fh:
+        header = next(csv.reader(fh))
+    assert header[: len(REQUIRED)] == REQUIRED
+    rows = _rows(out / "slides.csv")
+    assert sorted(rows) == sorted(SLIDES)
+    row = rows["p16-pos"]
+    assert (row["device"], row["model"]) == ("cpu", "physics-v1") and row["version"]
+    sdir = out / "p16-pos"
+    tiles = pd.read_parquet(sdir / "tiles.parquet")
+    assert {"row", "col", "l0_x", "l0_y", "tumor_cells", "tumor_positive"} <= set(tiles.columns)
+    assert int(tiles["tumor_cells"].sum()) == int(row["tumor_cells"])
+    assert int(tiles["tumor_positive"].sum()) == int(row["tumor_positive"])
+    assert len(tiles) == int(row["tissue_tiles"]) > 30
+    # Per-tile counts are also in the store, beside the tiles.
+    store = TileStore.open(sdir / "tiles.zarr")
+    counts = np.asarray(store.group["scores/p16/counts"][...])
+    assert counts.shape[0] == len(tiles)
+    assert counts[:, 0].sum() == int(row["tumor_cells"])
+    cells = pd.read_parquet(sdir / "cells.parquet")
+    assert int((cells["type"] == "tumor").sum()) == int(row["tumor_cells"])
+    assert int((cells["type"] == "tumor").mul(cells["positive"]).sum()) == int(
+        row["tumor_positive"]
+    )
+    assert cells["x_l0"].between(0, SIZE).all() and cells["y_l0"].between(0, SIZE).all()
+    geo = json.loads((sdir / "cells.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(cells)
+    assert geo["features"][0]["properties"]["objectType"] == "detection"
+    assert (sdir / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((sdir / "slide.json").read_text())
+    assert record["provenance"]["marker_sha256"] == row["marker_sha256"]
+    assert not (sdir / "work").exists()
+    report = (out / "report.html").read_text()
+    assert "p16-pos" in report and "data:image/png;base64," in report
+
+
+def test_bad_inputs_fail_alone_with_one_line_each(batch: dict[str, Any]) -> None:
+    assert batch["rc"] == 1
+    with (batch["out"] / "failures.csv").open(newline="") as fh:
+        failures = {r["slide_id"]: r["error"] for r in csv.DictReader(fh)}
+    assert sorted(failures) == ["missing", "nompp", "notes", "truncated", "unknown-marker"]
+    for error in failures.values():
+        assert "\n" not in error and "Traceback" not in error
+    assert "missing.svs" in failures["missing"] and "no such file" in failures["missing"]
+    assert "notes.svs" in failures["notes"] and "not a slide" in failures["notes"]
+    assert "truncated.svs" in failures["truncated"]
+    assert "nompp.png" in failures["nompp"] and "--slide-mpp" in failures["nompp"]
+    assert "her2" in failures["unknown-marker"]
+    for sid in failures:
+        assert not (batch["out"] / sid / "slide.json").exists()
+
+
+def test_rerun_skips_finished_and_refuses_changed_settings(
+    batch: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = batch["out"]
+    before = (out / "slides.csv").read_text()
+    stamps = {sid: (out / sid / "slide.json").stat().st_mtime_ns for sid in SLIDES}
+    capsys.readouterr()
+    assert main(batch["argv"]) == 1  # the bad inputs still fail
+    assert (out / "slides.csv").read_text() == before
+    assert {sid: (out / sid / "slide.json").stat().st_mtime_ns for sid in SLIDES} == stamps
+    err = capsys.readouterr().err
+    assert err.count("pathology score: error:") == 5
+
+    # Another setting for a finished slide: refused, its results untouched.
+    slide = batch["slides"] / "p16-pos.svs"
+    argv = ["score", str(slide), "--marker", "p16", "--out", str(out), "--min-tissue", "0.5"]
+    assert main([*argv, "--workers", "1"]) == 1
+    assert "other settings (min_tissue was 0.25, now 0.5)" in capsys.readouterr().err
+    assert (out / "p16-pos" / "slide.json").stat().st_mtime_ns == stamps["p16-pos"]
+
+
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["score", "x.svs", "--out", str(tmp_path)]) == 2
+    assert "--marker is required" in capsys.readouterr().err
+    bad = tmp_path / "m.csv"
+    bad.write_text("file,marker\na.svs,p16\n")
+    assert main(["score", "--manifest", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "lacks column(s) path" in capsys.readouterr().err
+    dup = tmp_path / "d.csv"
+    dup.write_text("path,marker\na/s1.svs,p16\nb/s1.svs,p16\n")
+    assert main(["score", "--manifest", str(dup), "--out", str(tmp_path / "o")]) == 2
+    assert "slide_id 's1' is also used" in capsys.readouterr().err
+
+
+def test_kill_9_then_rerun_gives_the_same_numbers(tmp_path: Path) -> None:
+    """SIGKILL a real ``pathology score`` process mid-scoring, rerun it, compare with a clean run."""
+    from pathology.synth import SynthParams, synthesize_slide
+
+    params = SynthParams.preset("p16_equivocal", width=4096, height=4096, mpp=0.5, seed=5)
+    slide = synthesize_slide(params, tmp_path / "big.svs", overwrite=True).svs_path
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "pathology", "score", str(slide), "--marker", "p16",
+                "--out", str(out), "--workers", "1", "--no-geojson"]  # fmt: skip
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert subprocess.run(cmd(clean), env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(
+        cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    parts = killed / "big" / "work" / "parts"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(parts.glob("shard-*.npz")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(parts.glob("shard-*.npz")), "the run was not killed while scoring"
+    assert not (killed / "big" / "slide.json").exists()
+    assert subprocess.run(cmd(killed), env=env, capture_output=True).returncode == 0
+    a, b = _rows(clean / "slides.csv")["big"], _rows(killed / "slides.csv")["big"]
+    keys = ("call", "tumor_cells", "tumor_positive", "immune_cells", "positive_pct", "h_score")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    record = json.loads((killed / "big" / "slide.json").read_text())
+    assert record["shards"]["resumed"] >= 1
