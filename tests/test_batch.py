@@ -23,15 +23,20 @@ import pytest
 from pathology.cli import main
 
 SIZE = 2048  # px at 0.5 um/px: ~1,000 tumour cells, 45 tissue tiles, one shard
-SLIDES = {
-    "p16-pos": "p16_positive",
-    "p16-equiv": "p16_equivocal",
-    "p16-neg": "p16_negative",
-    "pdl1-lt1": "pdl1_cps_lt1",
-    "pdl1-1-19": "pdl1_cps_1_19",
-    "pdl1-ge20": "pdl1_cps_ge20",
-    "pdl1-few": "pdl1_few_tumor",
+SLIDES = {  # slide_id -> (synth preset, seed)
+    "p16-pos": ("p16_positive", 11),
+    "p16-equiv": ("p16_equivocal", 12),
+    "p16-neg": ("p16_negative", 13),
+    "p16-weak": ("p16_weak_diffuse", 18),  # 15 % positive but 70 % weak: equivocal (CAP 2025)
+    "pdl1-lt1": ("pdl1_cps_lt1", 14),
+    "pdl1-1-19": ("pdl1_cps_1_19", 15),
+    "pdl1-ge20": ("pdl1_cps_ge20", 16),
+    "pdl1-few": ("pdl1_few_tumor", 17),
+    # Known gap (issue 4): with this seed's stain jitter (haematoxylin 6 degrees off the
+    # reference) ~9 negative lymphocytes read as PD-L1 positive, which lifts CPS 0.55 over 1.
+    "pdl1-lt1-jitter": ("pdl1_cps_lt1", 15),
 }
+KNOWN_GAPS = {"pdl1-lt1-jitter": "immune false positives under stain jitter lift CPS 0.55 to ~1.5"}
 REQUIRED = (
     "slide_id,path,marker,call,tumor_cells,tumor_positive,immune_cells,immune_positive,"
     "positive_pct,cps,tps,h_score,evaluable,qc_flags,device,model,version,seconds"
@@ -62,7 +67,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     slides = root / "slides"
     slides.mkdir()
     truth = {}
-    for seed, (sid, preset) in enumerate(SLIDES.items(), start=11):
+    for sid, (preset, seed) in SLIDES.items():
         path = _synth(slides, sid, preset, seed)
         truth[sid] = load_truth(path.with_suffix(".truth.json"))
     # Bad inputs: a text file named .svs, a truncated slide, an image without a pixel size,
@@ -89,7 +94,15 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "out": out, "argv": argv, "rc": rc, "truth": truth, "slides": slides}
 
 
-@pytest.mark.parametrize("sid", list(SLIDES))
+@pytest.mark.parametrize(
+    "sid",
+    [
+        pytest.param(sid, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[sid]))
+        if sid in KNOWN_GAPS
+        else sid
+        for sid in SLIDES
+    ],
+)
 def test_call_and_value_match_truth(batch: dict[str, Any], sid: str) -> None:
     row = _rows(batch["out"] / "slides.csv")[sid]
     v = batch["truth"][sid].values
@@ -143,6 +156,12 @@ def test_output_contract(batch: dict[str, Any]) -> None:
     assert int(tiles["tumor_cells"].sum()) == int(row["tumor_cells"])
     assert int(tiles["tumor_positive"].sum()) == int(row["tumor_positive"])
     assert len(tiles) == int(row["tissue_tiles"]) > 30
+    # Provenance travels with every output.
+    assert tiles.attrs["provenance"]["marker_sha256"] == row["marker_sha256"]
+    from PIL import Image
+
+    with Image.open(sdir / "heatmap.png") as png:
+        assert png.text["pathology:model"] == "physics-v1"
     # Per-tile counts are also in the store, beside the tiles.
     store = TileStore.open(sdir / "tiles.zarr")
     counts = np.asarray(store.group["scores/p16/counts"][...])
@@ -246,3 +265,33 @@ def test_kill_9_then_rerun_gives_the_same_numbers(tmp_path: Path) -> None:
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     record = json.loads((killed / "big" / "slide.json").read_text())
     assert record["shards"]["resumed"] >= 1
+
+
+def test_slides_csv_feeds_stratify(batch: dict[str, Any], tmp_path: Path) -> None:
+    """The translational path: `pathology score` output straight into `pathology stratify`."""
+    import pandas as pd
+
+    clinical = tmp_path / "clinical.csv"
+    codes = ["PR", "PD", "SD", "CR", "PD", "PR", "SD", "PD", "SD"]
+    lines = ["patient_id,best_response,pfs_months,pfs_event"]
+    for k, sid in enumerate(SLIDES):
+        lines.append(f"P-{sid},{codes[k]},{3.0 + k},{k % 2}")
+    clinical.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "strat"
+    assert (
+        main(
+            [
+                "stratify",
+                str(batch["out"] / "slides.csv"),
+                "--clinical",
+                str(clinical),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    patients = pd.read_csv(out / "patients.csv").set_index("patient_id")
+    assert patients.loc["P-p16-pos", "p16_call"] == "positive"
+    assert patients.loc["P-pdl1-ge20", "cps_bin"] == ">=20"
+    assert patients.loc["P-pdl1-lt1", "cps_bin"] == "<1"

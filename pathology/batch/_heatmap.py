@@ -86,6 +86,7 @@ def heatmap_png(
     title: str,
     label: str,
     vmax: float | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> bytes:
     """The PNG bytes of :func:`write_heatmap` (parameters there)."""
     from matplotlib.cm import ScalarMappable
@@ -133,7 +134,10 @@ def heatmap_png(
     bar.ax.tick_params(labelsize=9)
     fig.text(0.5, 1.0 - 12 / fig_h, title, ha="center", va="top", fontsize=12)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    # PNG text chunks: provenance travels with the picture (PIL: Image.open(p).text).
+    meta: dict[str, str | None] = {"Software": None}
+    meta.update({f"pathology:{k}": str(v) for k, v in (provenance or {}).items()})
+    fig.savefig(buf, format="png", dpi=_DPI, metadata=meta)
     return buf.getvalue()
 
 
@@ -147,6 +151,7 @@ def write_heatmap(
     title: str,
     label: str,
     vmax: float | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> Path:
     """Draw ``values`` per tile over the slide thumbnail and write it as a PNG, atomically.
 
@@ -170,6 +175,8 @@ def write_heatmap(
         Top of the colour scale (at least 1e-9); default the 99th percentile of ``values``, so
         a few extreme tiles do not wash out the rest, or 1 when that is 0 (no positive tile).
         The bottom is 0; values above the top take the top colour.
+    provenance : dict, optional
+        Written as PNG text chunks ``pathology:<key>`` (software, model, marker hash, ...).
 
     Returns
     -------
@@ -186,5 +193,6 @@ def write_heatmap(
         title=title,
         label=label,
         vmax=vmax,
+        provenance=provenance,
     )
     return write_bytes(path, png)

@@ -366,8 +366,9 @@ def score_slide(
         "slide_id": job.slide_id,
     }
     _write_store_counts(store, scores, provenance)
-    _write_tiles(slide_dir / "tiles.parquet", table, scores, tile_mm2)
+    _write_tiles(slide_dir / "tiles.parquet", table, scores, tile_mm2, provenance)
     cells = _cells_frame(scores.cells, grid.l0_per_out, mpp)
+    cells.attrs["provenance"] = provenance  # pandas keeps attrs in the parquet metadata
     with atomic_path(slide_dir / "cells.parquet") as tmp:
         cells.to_parquet(tmp, index=False)
     if settings.geojson:
@@ -395,6 +396,7 @@ def score_slide(
         tile_px_thumb=grid.tile_px / store_px_per_thumb,
         title=f"{job.slide_id}: {cfg.name} {call.call}",
         label="positive cells per mm²",
+        provenance=provenance,
     )
     t_outputs = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
@@ -468,7 +470,13 @@ def _write_store_counts(store: Any, scores: Any, provenance: dict[str, Any]) -> 
     sub.attrs.update({"count_names": list(scores.count_names), **provenance})
 
 
-def _write_tiles(path: Path, table: dict[str, NDArray[Any]], scores: Any, tile_mm2: float) -> None:
+def _write_tiles(
+    path: Path,
+    table: dict[str, NDArray[Any]],
+    scores: Any,
+    tile_mm2: float,
+    provenance: dict[str, Any],
+) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(
@@ -479,5 +487,6 @@ def _write_tiles(path: Path, table: dict[str, NDArray[Any]], scores: Any, tile_m
     frame["positive_per_mm2"] = (
         (frame["tumor_positive"] + frame["immune_positive"]) / tile_mm2
     ).astype(np.float32)
+    frame.attrs["provenance"] = provenance
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
