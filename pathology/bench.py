@@ -1,16 +1,30 @@
 """``pathology bench``: throughput of each stage, measured in one run on the same tiles.
 
 Rates from one run are comparable with each other; this machine class is noisy (+-25% between runs),
-so the ratios (stage rate / raw decode rate) are the figures to quote, not bare seconds.
+so the ratios (stage rate / raw decode rate, stage rate / classical peer rate) are the figures to
+quote, not bare seconds.
 
-Stages measured so far:
+Stages, in the order they run (every rate is tissue tiles per second; megapixels per second count
+the ``tile_px x tile_px`` output tile, without the scoring halo):
 
+- ``tiling``: :func:`pathology.tiling.tile_slide` into a fresh store (read + resample + encode +
+  write). It runs first because it plans the grid and finds the tissue tiles every other stage uses.
 - ``decode``: the limit. A plain ``read_region`` of every tissue tile's source box at the grid's
   level (OpenSlide, ``workers`` threads): no resampling, no writing.
 - ``direct_decode``: the same boxes through the direct TIFF tile path, when the slide allows it.
-- ``tiling``: :func:`pathology.tiling.tile_slide` into a fresh store (resample + encode + write).
+- ``model``: the scoring model alone (:func:`pathology.scoring.run_model`, batches of
+  ``batch_size``) on tiles already in memory, (N, 3, T + 2 halo, T + 2 halo) uint8 cut from the
+  store: the model's cost without any loading. Repeated until it has run ``MODEL_MIN_S`` seconds.
+- ``scoring``: :func:`pathology.batch._shards.score_store` over every tissue tile of the store,
+  into a fresh parts folder: the model plus reading the tiles from Zarr, as the product scores.
+- ``end_to_end``: :func:`pathology.batch.score_slide` on the same slide into a fresh folder:
+  tiling, stain estimate, scoring and outputs (GeoJSON off); rate = tissue tiles / wall seconds.
+- ``peer``: the classical CPU pipeline (:func:`pathology.peer.classical_score_tile`: skimage
+  ``rgb2hed`` + Otsu + watershed + ``regionprops``) on up to ``peer_tiles`` evenly spaced tiles of
+  the same set, in ``workers`` processes (started and warmed before the clock starts).
 
-Scoring and end-to-end stages join as the scoring engine lands.
+The JSON adds ``<stage>_vs_decode`` for every stage and ``<stage>_vs_peer`` for ``model``,
+``scoring`` and ``end_to_end``.
 """
 
 from __future__ import annotations
@@ -21,15 +35,27 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-__all__ = ["BenchResult", "run_bench"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["OPTIONAL_STAGES", "BenchResult", "run_bench"]
+
+#: Stages that can be left out (tiling and decode always run: every other stage needs them).
+OPTIONAL_STAGES = ("model", "scoring", "end_to_end", "peer")
+#: Stages compared with the classical peer.
+PEER_COMPARED = ("model", "scoring", "end_to_end")
+#: The ``model`` stage repeats its pass over the in-memory tiles until it has run this long
+#: (one pass of a few thousand tiles is over in ~0.1 s on a GPU: too short to time).
+MODEL_MIN_S = 2.0
 
 
 @dataclass
@@ -43,6 +69,7 @@ class BenchResult:
     mpp: float
     workers: int
     tiles: int
+    device: str = "cpu"
     rates: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -58,16 +85,21 @@ class BenchResult:
             "tile_px": self.tile_px,
             "mpp": self.mpp,
             "workers": self.workers,
+            "device": self.device,
             "tiles": self.tiles,
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_worker_rss_mb": round(self.peak_worker_rss_mb, 1),
         }
         decode = self.rates.get("decode")
+        peer = self.rates.get("peer")
         for name, rate in self.rates.items():
             out[f"{name}_tiles_per_s"] = round(rate, 1)
             out[f"{name}_mpix_per_s"] = round(rate * mpix, 2)
             if decode and name != "decode":
                 out[f"{name}_vs_decode"] = round(rate / decode, 3)
+        for name in PEER_COMPARED:
+            if peer and name in self.rates:
+                out[f"{name}_vs_peer"] = round(self.rates[name] / peer, 2)
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         out.update(self.notes)
         return out
@@ -80,51 +112,188 @@ def _peak_rss_mb() -> tuple[float, float]:
     return own, children
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timed region ends when its kernels do (no-op on CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _size_wh(size_px: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size_px, int):
+        return size_px, size_px
+    w, h = size_px
+    return int(w), int(h)
+
+
+def _synthetic_slide(tmp: Path, size_px: int | tuple[int, int], say: Callable[[str], None]) -> Path:
+    """The synthetic p16 bench slide (0.25 um/px) in ``tmp``, written once and reused."""
+    from pathology.synth import SynthParams, synthesize_slide
+
+    w, h = _size_wh(size_px)
+    path = tmp / (f"bench-{w}.svs" if w == h else f"bench-{w}x{h}.svs")
+    if not path.exists():
+        say(f"synthesising a {w} x {h} slide")
+        synthesize_slide(SynthParams.preset("p16_positive", width=w, height=h, seed=1), path)
+    return path
+
+
+def _tiles_in_memory(store: Any, halo_px: int, limit: int) -> tuple[NDArray[np.uint8], int]:
+    """Up to ``limit`` tissue tiles (evenly spaced over the table) with their halo, as the scorer
+    takes them: ((k, 3, T + 2 halo, T + 2 halo) uint8, T)."""
+    from pathology.batch._shards import plan_shards, read_shard_tiles
+
+    meta = store.meta
+    tile_px = int(meta["grid"]["tile_px"])
+    table = store.table()
+    n = len(table["row"])
+    pick = (
+        np.unique(np.linspace(0, n - 1, min(n, limit)).astype(np.int64))
+        if n
+        else np.zeros(0, np.int64)
+    )
+    chosen = np.zeros(n, bool)
+    chosen[pick] = True
+    side = tile_px + 2 * halo_px
+    out = np.empty((len(pick), 3, side, side), np.uint8)
+    k = 0
+    for shard in plan_shards(table, int(meta["shard_tiles"])):
+        keep = chosen[shard.index]
+        if keep.any():
+            tiles = read_shard_tiles(store.image, shard.tiles_rc[keep], tile_px, halo_px)
+            out[k : k + len(tiles)] = tiles
+            k += len(tiles)
+    return out, tile_px
+
+
+def _time_model(scorer: Any, tiles: NDArray[np.uint8], batch_size: int) -> tuple[int, float]:
+    """(tiles scored, seconds) of repeated :func:`run_model` passes over in-memory tiles."""
+    import torch
+
+    from pathology.scoring._api import run_model
+
+    device = next(iter(scorer.buffers())).device
+    batch: Any = tiles
+    if device.type == "cuda":  # pin once, as a loader would; run_model then copies non_blocking
+        batch = torch.from_numpy(tiles).pin_memory()
+    run_model(scorer, batch[: min(len(tiles), 2)], batch_size)  # warm-up: allocator, kernels
+    done, seconds = 0, 0.0
+    while seconds < MODEL_MIN_S or done == 0:
+        _sync(device)
+        t0 = time.perf_counter()
+        run_model(scorer, batch, batch_size)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        done += len(tiles)
+    return done, seconds
+
+
+def _peer_warm() -> None:
+    """Import the peer's libraries in a pool worker and hold it briefly, so every worker gets one."""
+    import skimage.color
+    import skimage.feature
+    import skimage.measure
+    import skimage.segmentation  # noqa: F401
+
+    time.sleep(0.5)
+
+
+def _peer_cells(tile_rgb: NDArray[np.uint8], mpp: float) -> int:
+    """Cells the classical peer finds in one (H, W, 3) tile (run in a pool worker)."""
+    from pathology.peer import classical_score_tile
+
+    return classical_score_tile(tile_rgb, mpp).n_cells
+
+
+def _time_peer(tiles_rgb: NDArray[np.uint8], mpp: float, workers: int) -> tuple[float, int]:
+    """(seconds, cells found) of the classical peer over (k, H, W, 3) tiles in ``workers``
+    processes. Spawned, not forked: this process holds torch and OpenMP threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
+        wait([pool.submit(_peer_warm) for _ in range(max(1, workers))])
+        chunk = max(1, len(tiles_rgb) // (4 * max(1, workers)))
+        t0 = time.perf_counter()
+        cells = list(pool.map(_peer_cells, tiles_rgb, [mpp] * len(tiles_rgb), chunksize=chunk))
+        seconds = time.perf_counter() - t0
+    return seconds, int(sum(cells))
+
+
 def run_bench(
     slide: str | os.PathLike[str] | None = None,
     *,
-    size_px: int = 10_000,
+    size_px: int | tuple[int, int] = 10_000,
     target_mpp: float = 0.5,
     tile_px: int = 256,
     workers: int = 2,
     scheduler: str = "processes",
     reader: str = "auto",
+    marker: str = "p16",
+    device: str = "auto",
+    batch_size: int = 64,
+    model_tiles: int = 2048,
+    peer_tiles: int = 64,
+    stages: Collection[str] = OPTIONAL_STAGES,
     work_dir: str | os.PathLike[str] | None = None,
     say: Callable[[str], None] = lambda msg: None,
 ) -> BenchResult:
-    """Measure decode and tiling rates on ``slide`` (or a synthetic ``size_px`` square slide).
+    """Measure every stage's rate on ``slide`` (or a synthetic slide of ``size_px``), in one run.
 
     Parameters
     ----------
     slide : path, optional
-        Slide to measure; default: a synthetic p16 slide of ``size_px`` x ``size_px`` at 0.25 um/px,
-        written to ``work_dir`` (reused if already there).
+        Slide to measure; default: a synthetic p16 slide of ``size_px`` at 0.25 um/px, written to
+        ``work_dir`` (reused if already there).
+    size_px : int or (int, int)
+        Synthetic slide edge, or (width, height), in level-0 pixels.
     target_mpp, tile_px, workers, scheduler, reader
-        As in :func:`pathology.tiling.tile_slide`.
+        As in :func:`pathology.tiling.tile_slide`; ``workers`` also sets the decode threads, the
+        store-reading threads of scoring, the end-to-end workers and the peer's processes.
+    marker : str
+        Marker scored by ``model``, ``scoring`` and ``end_to_end`` (the synthetic slide is p16).
+    device : {"auto", "cpu", "cuda"} or "cuda:N"
+        Where the model runs; the resolved device is recorded.
+    batch_size : int
+        Tiles per forward pass.
+    model_tiles : int
+        At most this many tiles (evenly spaced) are held in memory for the ``model`` stage.
+    peer_tiles : int
+        At most this many of those tiles (evenly spaced) are given to the classical peer.
+    stages : collection of str
+        Which of :data:`OPTIONAL_STAGES` to run (tiling and decode always run).
     work_dir : path, optional
-        Where the synthetic slide and the temporary store go (default: a temporary folder).
+        Where the synthetic slide and the temporary outputs go (default: a temporary folder).
+    say : callable(str)
+        Receives a short message as each stage starts.
+
+    Returns
+    -------
+    BenchResult
     """
+    from pathology.errors import ConfigError
+    from pathology.scoring import resolve_device
     from pathology.slide import open_slide
-    from pathology.tiling import tile_slide
+    from pathology.tiling import TileStore, tile_slide
     from pathology.tiling._read import ReaderSpec, open_reader
 
+    unknown = set(stages) - set(OPTIONAL_STAGES)
+    if unknown:
+        raise ConfigError(
+            f"unknown bench stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONAL_STAGES)}"
+        )
+    dev = resolve_device(device)
     tmp = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="pathology-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    if slide is None:
-        from pathology.synth import SynthParams, synthesize_slide
-
-        slide_path = tmp / f"bench-{size_px}.svs"
-        if not slide_path.exists():
-            say(f"synthesising a {size_px} x {size_px} slide")
-            synthesize_slide(
-                SynthParams.preset("p16_positive", width=size_px, height=size_px, seed=1),
-                slide_path,
-            )
-    else:
-        slide_path = Path(slide)
+    slide_path = _synthetic_slide(tmp, size_px, say) if slide is None else Path(slide)
     store = tmp / "bench.zarr"
-    if store.exists():
-        shutil.rmtree(store)
+    parts_dir = tmp / "bench-parts"
+    e2e_dir = tmp / "bench-end-to-end"
+    for old in (store, parts_dir, e2e_dir):
+        if old.exists():
+            shutil.rmtree(old)
 
     # Tiling first: it plans the grid and finds the tissue tiles the decode baseline then reads.
     say("tiling")
@@ -140,9 +309,9 @@ def run_bench(
     )
     t_tiling = time.perf_counter() - t0
     grid = result.grid
-    from pathology.tiling import TileStore
 
-    table = TileStore.open(store).table()
+    tile_store = TileStore.open(store)
+    table = tile_store.table()
     rc = np.stack([table["row"], table["col"]], axis=1)
     boxes = [grid.level_region(tuple(b)) for b in grid.out_box(rc).tolist()]
 
@@ -173,6 +342,7 @@ def run_bench(
         mpp=grid.mpp,
         workers=workers,
         tiles=len(boxes),
+        device=str(dev),
     )
     with open_slide(slide_path) as r:
         bench.width, bench.height = r.dimensions
@@ -187,6 +357,8 @@ def run_bench(
         t_direct = decode_all(ReaderSpec(str(slide_path), None, True))
         bench.seconds["direct_decode"] = t_direct
         bench.rates["direct_decode"] = n / t_direct
+    import torch
+
     bench.notes = {
         "scheduler": scheduler,
         "tiling_reader": result.reader,
@@ -195,10 +367,122 @@ def run_bench(
         "store_files": sum(1 for p in store.rglob("*") if p.is_file()),
         "store_mb": round(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / 1e6, 1),
         "slide_mb": round(slide_path.stat().st_size / 1e6, 1),
+        "marker": marker,
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
     }
+    if n and set(stages) - {"end_to_end"}:
+        _score_stages(
+            bench,
+            tile_store,
+            parts_dir,
+            marker=marker,
+            dev=dev,
+            batch_size=batch_size,
+            stages=stages,
+            model_tiles=model_tiles,
+            peer_tiles=peer_tiles,
+            say=say,
+        )
+    if n and "end_to_end" in stages:
+        _end_to_end(bench, slide_path, e2e_dir, marker, str(dev), batch_size, target_mpp, say)
     bench.peak_rss_mb, bench.peak_worker_rss_mb = _peak_rss_mb()
-    shutil.rmtree(store, ignore_errors=True)
+    for done in (store, parts_dir, e2e_dir):
+        shutil.rmtree(done, ignore_errors=True)
     return bench
+
+
+def _score_stages(
+    bench: BenchResult,
+    store: Any,
+    parts_dir: Path,
+    *,
+    marker: str,
+    dev: torch.device,
+    batch_size: int,
+    stages: Collection[str],
+    model_tiles: int,
+    peer_tiles: int,
+    say: Callable[[str], None],
+) -> None:
+    """The ``model``, ``scoring`` and ``peer`` stages on the store ``tiling`` wrote."""
+    from pathology.batch._shards import score_store
+    from pathology.scoring import load_model
+    from pathology.scoring._model import halo_for
+
+    halo_px = halo_for(bench.mpp)
+    say("loading tiles into memory")
+    tiles, tile_px = _tiles_in_memory(store, halo_px, max(model_tiles, peer_tiles))
+    t0 = time.perf_counter()
+    scorer = load_model(marker, bench.mpp, halo_px=halo_px, device=dev)
+    bench.seconds["model_load"] = time.perf_counter() - t0
+    bench.notes["halo_px"] = halo_px
+    if "model" in stages:
+        say(f"model alone ({len(tiles)} tiles in memory, batch {batch_size})")
+        done, seconds = _time_model(scorer, tiles, batch_size)
+        bench.seconds["model"] = seconds
+        bench.rates["model"] = done / seconds
+        bench.notes["model_tiles"] = len(tiles)
+        bench.notes["model_tiles_scored"] = done
+    if "scoring" in stages:
+        say("scoring the store")
+        _sync(dev)
+        t0 = time.perf_counter()
+        scores = score_store(
+            store, scorer, parts_dir, batch_size=batch_size, read_workers=bench.workers
+        )
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+        bench.seconds["scoring"] = seconds
+        bench.rates["scoring"] = bench.tiles / seconds
+        names = list(scores.count_names)
+        kinds = [names.index(k) for k in ("tumor_cells", "immune_cells", "other_cells")]
+        bench.notes["scoring_cells"] = int(scores.counts[:, kinds].sum())
+    if "peer" in stages:
+        pick = np.unique(np.linspace(0, len(tiles) - 1, min(len(tiles), peer_tiles)).astype(int))
+        core = tiles[pick, :, halo_px : halo_px + tile_px, halo_px : halo_px + tile_px]
+        core = np.ascontiguousarray(core.transpose(0, 2, 3, 1))
+        say(f"classical peer ({len(core)} tiles in {max(1, bench.workers)} process(es))")
+        seconds, cells = _time_peer(core, bench.mpp, bench.workers)
+        bench.seconds["peer"] = seconds
+        bench.rates["peer"] = len(core) / seconds
+        bench.notes["peer_tiles"] = len(core)
+        bench.notes["peer_processes"] = max(1, bench.workers)
+        bench.notes["peer_cells"] = cells
+
+
+def _end_to_end(
+    bench: BenchResult,
+    slide_path: Path,
+    out: Path,
+    marker: str,
+    device: str,
+    batch_size: int,
+    target_mpp: float,
+    say: Callable[[str], None],
+) -> None:
+    """The product path, :func:`pathology.batch.score_slide`, timed from call to return."""
+    from pathology.batch import ScoreSettings, SlideJob, score_slide
+
+    settings = ScoreSettings(
+        target_mpp=target_mpp,
+        tile_px=bench.tile_px,
+        device=device,
+        workers=bench.workers,
+        batch_size=batch_size,
+        geojson=False,
+    )
+    job = SlideJob(slide_id="bench", path=slide_path, marker=marker)
+    say("end to end (pathology.batch.score_slide)")
+    t0 = time.perf_counter()
+    outcome = score_slide(job, out, settings)
+    seconds = time.perf_counter() - t0
+    tiles = int(outcome.row["tissue_tiles"])
+    bench.seconds["end_to_end"] = seconds
+    bench.rates["end_to_end"] = tiles / seconds
+    bench.notes["end_to_end_tiles"] = tiles
+    record = json.loads((outcome.slide_dir / "slide.json").read_text())
+    bench.notes["end_to_end_split_s"] = record.get("timings_s", {})
 
 
 def write_json(result: BenchResult, path: str | os.PathLike[str]) -> None:

@@ -5,29 +5,79 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+
+#: Stages ``--stages`` may name (kept here so ``pathology --help`` does not import the bench).
+_OPTIONAL = ("model", "scoring", "end_to_end", "peer")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``20000`` (square) or ``20000x15000`` (width x height), level-0 pixels."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"size {text!r}: expected WIDTH or WIDTHxHEIGHT in pixels, e.g. 20000x15000"
+        ) from None
+    if len(parts) > 2 or w < 256 or h < 256:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r}: expected WIDTH or WIDTHxHEIGHT, each at least 256 px"
+        )
+    return w, h
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if names == ("all",):
+        return _OPTIONAL
+    bad = [s for s in names if s not in _OPTIONAL]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(_OPTIONAL)} or 'all'"
+        )
+    return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="measure decode and tiling throughput on a slide (or a synthetic one) in one run",
+        help="measure each stage's throughput on a slide (or a synthetic one) in one run",
         description=(
             "Measure, in one run on the same tissue tiles: the raw OpenSlide read+decode rate (the limit), "
-            "the direct TIFF tile decode rate where possible, and tiling into Zarr. Rates in tiles/s and "
-            "megapixels/s with ratios to the decode rate. Without SLIDE a synthetic p16 slide is made."
+            "the direct TIFF tile decode rate where possible, tiling into Zarr, the model alone on "
+            "in-memory tiles, scoring from the store, the whole product path (score_slide), and the "
+            "classical CPU peer (skimage) on a sample of the tiles. Rates in tiles/s and megapixels/s "
+            "with ratios to the decode rate and to the peer. Without SLIDE a synthetic p16 slide is made."
         ),
     )
     p.add_argument(
         "slide", nargs="?", default=None, metavar="SLIDE", help="slide (default: synthetic)"
     )
     p.add_argument(
-        "--size", type=int, default=10_000, help="synthetic slide edge in px (default 10000)"
+        "--size",
+        type=_size,
+        default=(10_000, 10_000),
+        metavar="W[xH]",
+        help="synthetic slide size in px, e.g. 10000 or 20000x15000 (default 10000)",
     )
     p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel (default 0.5)")
     p.add_argument("--tile", type=int, default=256, help="tile edge in px (default 256)")
     p.add_argument("--workers", type=int, default=2, help="parallel workers (default 2)")
     p.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="processes")
     p.add_argument("--reader", choices=("auto", "openslide", "direct"), default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--marker", default="p16", help="marker to score (default p16, the synthetic slide's)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument(
+        "--stages",
+        type=_stages,
+        default=_OPTIONAL,
+        metavar="LIST",
+        help=f"comma list of {','.join(_OPTIONAL)} (default all; tiling and decode always run)",
+    )
     p.add_argument(
         "--work-dir", default=None, help="folder for the synthetic slide and the store (reused)"
     )
@@ -39,10 +89,18 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pathology.bench import run_bench, write_json
+    from pathology.bench import PEER_COMPARED, run_bench, write_json
 
     err = Console(stderr=True)
+    t_start = time.perf_counter()
+
     with err.status("bench") as status:
+
+        def say(msg: str) -> None:
+            status.update(f"bench: {msg}")
+            if not err.is_terminal:  # a log file: one timestamped line per stage instead
+                print(f"[{time.perf_counter() - t_start:7.1f} s] bench: {msg}", file=sys.stderr)
+
         result = run_bench(
             args.slide,
             size_px=args.size,
@@ -51,14 +109,18 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             scheduler=args.scheduler,
             reader=args.reader,
+            marker=args.marker,
+            device=args.device,
+            batch_size=args.batch_size,
+            stages=args.stages,
             work_dir=args.work_dir,
-            say=lambda msg: status.update(f"bench: {msg}"),
+            say=say,
         )
     data = result.to_json()
     table = Table(
         title=f"pathology bench: {result.slide} ({result.width} x {result.height}), "
         f"{result.tiles} tiles of {result.tile_px} px at {result.mpp:.3g} um/px, "
-        f"{result.workers} workers"
+        f"{result.workers} workers, device {result.device}"
     )
     for col in ("stage", "tiles/s", "MPix/s", "x decode", "seconds"):
         table.add_column(col, justify="left" if col == "stage" else "right")
@@ -66,27 +128,38 @@ def run(args: argparse.Namespace) -> int:
         ratio = data.get(f"{name}_vs_decode")
         table.add_row(
             name,
-            f"{rate:,.0f}",
-            f"{data[f'{name}_mpix_per_s']:.1f}",
+            f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f}",
+            f"{data[f'{name}_mpix_per_s']:.2f}",
             "1.000" if name == "decode" else f"{ratio:.3f}",
             f"{result.seconds[name]:.2f}",
         )
-    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120).print(table)
-    notes = {
-        k: data[k]
-        for k in (
-            "scheduler",
-            "tiling_reader",
-            "direct_reader",
-            "level_read",
-            "store_files",
-            "store_mb",
-            "slide_mb",
-            "peak_rss_mb",
-            "peak_worker_rss_mb",
+    out = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
+    out.print(table)
+    if "peer" in result.rates:
+        vs = ", ".join(
+            f"{name} {data[f'{name}_vs_peer']:.1f}x"
+            for name in PEER_COMPARED
+            if name in result.rates
         )
-    }
-    print(json.dumps(notes))
+        procs = f"{data['peer_processes']} process" + ("es" if data["peer_processes"] > 1 else "")
+        out.print(
+            f"vs the classical peer ({data['peer_tiles']} tiles, {procs}, "
+            f"{result.rates['peer']:.1f} tiles/s): {vs}"
+        )
+    keys = (
+        "scheduler",
+        "tiling_reader",
+        "direct_reader",
+        "level_read",
+        "store_files",
+        "store_mb",
+        "slide_mb",
+        "torch_threads",
+        "end_to_end_split_s",
+        "peak_rss_mb",
+        "peak_worker_rss_mb",
+    )
+    print(json.dumps({k: data[k] for k in keys if k in data}))
     if args.json:
         write_json(result, args.json)
     return 0
