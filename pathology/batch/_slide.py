@@ -286,6 +286,11 @@ def score_slide(
     if row is not None:
         return SlideOutcome(job.slide_id, row, True, slide_dir)
     t_start = time.perf_counter()
+    # Open the slide first: a corrupt file or a missing mpp fails before anything is written.
+    from pathology.slide import open_slide
+
+    with open_slide(job.path, mpp=job.mpp) as reader:
+        _ = reader.mpp
     work = slide_dir / "work"
     if work.exists():
         try:
