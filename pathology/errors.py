@@ -36,6 +36,10 @@ class SlideError(PathologyError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple[type[SlideError], tuple[str, str]]:
+        # Rebuild from (path, problem), not from args: errors cross process boundaries (Dask).
+        return (type(self), (self.path, self.problem))
+
 
 class SlideNotFoundError(SlideError, FileNotFoundError):
     """The path does not exist (or is a directory that is not a slide)."""

@@ -220,3 +220,14 @@ def test_info_cli_batch_reports_each_failure(
     # A single bad slide is a usage error: exit 2, one line, no traceback.
     assert main(["info", str(tmp_path / "nope.svs")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_slide_errors_survive_pickling() -> None:
+    """Errors cross process boundaries (Dask workers): they must unpickle to the same message."""
+    import pickle
+
+    from pathology.errors import MissingMppError, NotASlideError
+
+    for exc in (NotASlideError("a.svs", "not a slide"), MissingMppError("b.png", "no mpp")):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc) and back.path == exc.path

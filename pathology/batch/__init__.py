@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from pathology.batch._api import BatchProgress, BatchResult, SlideFailure, score_slides
+from pathology.batch._cluster import ClusterInfo, load_cluster_config, score_slides_distributed
 from pathology.batch._manifest import SlideJob, jobs_from_paths, read_manifest
 from pathology.batch._slide import SLIDE_COLUMNS, ScoreSettings, SlideOutcome, score_slide
 
@@ -16,12 +17,15 @@ __all__ = [
     "SLIDE_COLUMNS",
     "BatchProgress",
     "BatchResult",
+    "ClusterInfo",
     "ScoreSettings",
     "SlideFailure",
     "SlideJob",
     "SlideOutcome",
     "jobs_from_paths",
+    "load_cluster_config",
     "read_manifest",
     "score_slide",
     "score_slides",
+    "score_slides_distributed",
 ]

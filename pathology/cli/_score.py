@@ -42,7 +42,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)",
     )
     p.add_argument(
-        "--workers", type=int, default=2, help="tiling processes and tile readers (default 2)"
+        "--workers",
+        type=int,
+        default=2,
+        help="parallel workers (default 2): Dask workers scoring one slide each when several "
+        "slides are given, else tiling processes and tile readers for the one slide",
+    )
+    p.add_argument(
+        "--cluster",
+        default="auto",
+        metavar="{auto,none,local,slurm,ADDRESS}",
+        help="where slides run: auto (default) = a local Dask cluster of --workers processes when "
+        "there are several slides and --workers > 1, else in this process; none = in this "
+        "process; local; slurm (dask-jobqueue, see --cluster-config); or a scheduler address "
+        "such as tcp://host:8786",
+    )
+    p.add_argument(
+        "--cluster-config",
+        metavar="YAML",
+        help="cluster settings (scripts/slurm/cluster.yaml shows every key)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
     p.add_argument(
@@ -166,6 +184,12 @@ def run(args: argparse.Namespace) -> int:
         if args.verbose:
             log.error("%s failed", job.path, exc_info=exc)
 
+    cluster = args.cluster
+    if cluster == "auto":
+        cluster = "local" if args.workers > 1 and len(jobs) > 1 else "none"
+    if args.cluster_config and cluster in ("none", "local"):
+        log.warning("--cluster-config is only read with --cluster slurm or an address")
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -176,9 +200,35 @@ def run(args: argparse.Namespace) -> int:
         disable=not tty,
     ) as progress:
         bars = _Bars(progress, tty)
-        result = score_slides(
-            jobs, args.out, settings, overwrite=args.overwrite, progress=bars, on_error=on_error
-        )
+        if cluster == "none":
+            result = score_slides(
+                jobs, args.out, settings, overwrite=args.overwrite, progress=bars, on_error=on_error
+            )
+        else:
+            from pathology.batch import load_cluster_config, score_slides_distributed
+
+            progress.update(bars.tiles_task, visible=False)  # slides only: tasks run elsewhere
+
+            def on_start(info: Any) -> None:
+                link = info.dashboard_link or "not served (pip install 'pathology[cluster]')"
+                progress.console.print(
+                    f"Dask {info.cluster} cluster, {info.workers} workers; dashboard: {link}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+
+            result = score_slides_distributed(
+                jobs,
+                args.out,
+                settings,
+                cluster=cluster,
+                n_workers=args.workers,
+                config=load_cluster_config(args.cluster_config) if args.cluster_config else None,
+                overwrite=args.overwrite,
+                progress=bars,
+                on_error=on_error,
+                on_start=on_start,
+            )
     for failure in result.failures:
         print(f"pathology score: error: {failure.error}", file=sys.stderr)
     print(
