@@ -295,3 +295,44 @@ def test_slides_csv_feeds_stratify(batch: dict[str, Any], tmp_path: Path) -> Non
     assert patients.loc["P-p16-pos", "p16_call"] == "positive"
     assert patients.loc["P-pdl1-ge20", "cps_bin"] == ">=20"
     assert patients.loc["P-pdl1-lt1", "cps_bin"] == "<1"
+
+
+OS2 = "openslide-os2-ki67-crops"
+
+
+@pytest.fixture(scope="module")
+def os2_batch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """Real Ki-67 IHC: the same osteosarcoma field scanned by Hamamatsu (0.227 um/px) and Olympus
+    (0.346 um/px), read as big-endian OME-TIFF crops, scored through `pathology score`."""
+    from conftest import shared_file
+
+    paths = [shared_file(f"{OS2}/OS-2-ndpi.ome.tif"), shared_file(f"{OS2}/OS-2-vsi.ome.tif")]
+    out = tmp_path_factory.mktemp("os2") / "out"
+    argv = ["score", *map(str, paths), "--marker", "ki67", "--out", str(out), "--workers", "1"]
+    assert main(argv) == 0
+    return _rows(out / "slides.csv")
+
+
+@pytest.mark.realdata
+def test_real_ki67_scans_run_through_the_batch(os2_batch: dict[str, dict[str, str]]) -> None:
+    for sid in ("OS-2-ndpi", "OS-2-vsi"):
+        row = os2_batch[sid]
+        assert row["marker"] == "ki67" and row["call"] == "" and row["evaluable"] == "true"
+        assert float(row["mpp"]) == pytest.approx(0.5, abs=0.01)
+        assert int(row["tumor_cells"]) >= 100 and 0 < float(row["positive_pct"]) < 100
+
+
+@pytest.mark.realdata
+@pytest.mark.xfail(
+    strict=True,
+    reason="physics-v1 finds ~500 of QuPath's ~1,100-1,300 cells on real Ki-67 and the two scanners "
+    "disagree (41 vs 69 % positive): the issue 4 real-data gap",
+)
+def test_real_ki67_cross_scanner_agreement(os2_batch: dict[str, dict[str, str]]) -> None:
+    """Same tissue, two scanners: Ki-67 index within 5 points of each other and of QuPath's
+    reference (16.6 % / 13.5 % positive at DAB 0.2, the shared folder's TSVs); >= 900 cells."""
+    ndpi, vsi = (os2_batch[s] for s in ("OS-2-ndpi", "OS-2-vsi"))
+    a, b = float(ndpi["positive_pct"]), float(vsi["positive_pct"])
+    assert abs(a - b) <= 5 and abs(a - 16.6) <= 5 and abs(b - 13.5) <= 5
+    for row in (ndpi, vsi):
+        assert int(row["tumor_cells"]) + int(row["immune_cells"]) >= 900
