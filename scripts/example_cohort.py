@@ -24,27 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pathology.batch import REQUIRED_SLIDE_COLUMNS as SLIDE_COLUMNS
+
 SITES = ("oral cavity", "oropharynx", "larynx", "hypopharynx")
-SLIDE_COLUMNS = (
-    "slide_id",
-    "path",
-    "marker",
-    "call",
-    "tumor_cells",
-    "tumor_positive",
-    "immune_cells",
-    "immune_positive",
-    "positive_pct",
-    "cps",
-    "tps",
-    "h_score",
-    "evaluable",
-    "qc_flags",
-    "device",
-    "model",
-    "version",
-    "seconds",
-)
 
 
 def _p16_call(pct: float) -> str:

@@ -26,6 +26,7 @@ from lifelines.utils import median_survival_times
 from scipy import stats
 from scipy.stats.contingency import association, odds_ratio
 
+from pathology.batch import REQUIRED_SLIDE_COLUMNS
 from pathology.cli import main
 from pathology.errors import ConfigError, OutputExistsError, PathologyError
 from pathology.stratify import (
@@ -40,22 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 P16 = ("negative", "equivocal", "positive")
 BINS = ("<1", "1-19", ">=20")
 LABEL = {"negative": "p16-", "equivocal": "p16 equivocal", "positive": "p16+"}
-SLIDE_COLUMNS = [
-    "slide_id",
-    "path",
-    "marker",
-    "call",
-    "tumor_cells",
-    "tumor_positive",
-    "immune_cells",
-    "immune_positive",
-    "positive_pct",
-    "cps",
-    "tps",
-    "h_score",
-    "evaluable",
-    "qc_flags",
-]
+SLIDE_COLUMNS = list(REQUIRED_SLIDE_COLUMNS[:14])  # the calls; no device/model/version
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 from pathology.batch._api import BatchProgress, BatchResult, SlideFailure, score_slides
 from pathology.batch._cluster import ClusterInfo, load_cluster_config, score_slides_distributed
 from pathology.batch._manifest import SlideJob, jobs_from_paths, read_manifest
-from pathology.batch._slide import SLIDE_COLUMNS, ScoreSettings, SlideOutcome, score_slide
+from pathology.batch._slide import (
+    REQUIRED_SLIDE_COLUMNS,
+    SLIDE_COLUMNS,
+    ScoreSettings,
+    SlideOutcome,
+    score_slide,
+)
 
 __all__ = [
+    "REQUIRED_SLIDE_COLUMNS",
     "SLIDE_COLUMNS",
     "BatchProgress",
     "BatchResult",

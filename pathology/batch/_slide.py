@@ -32,9 +32,15 @@ from pathology._io import atomic_path, write_text
 from pathology.batch._manifest import SlideJob
 from pathology.errors import OutputExistsError
 
-__all__ = ["SLIDE_COLUMNS", "ScoreSettings", "SlideOutcome", "score_slide"]
+__all__ = [
+    "REQUIRED_SLIDE_COLUMNS",
+    "SLIDE_COLUMNS",
+    "ScoreSettings",
+    "SlideOutcome",
+    "score_slide",
+]
 
-#: ``slides.csv`` columns: DESIGN.md section 3 / issue 5 order first, then the extras.
+#: ``slides.csv`` columns: the contract (DESIGN.md section 3 / issue 5 order), then the extras.
 SLIDE_COLUMNS = (
     "slide_id",
     "path",
@@ -54,6 +60,7 @@ SLIDE_COLUMNS = (
     "model",
     "version",
     "seconds",
+    # extras after the 18 contract columns
     "patient_id",
     "p16_positive_pct",
     "weak_pct",
@@ -64,6 +71,8 @@ SLIDE_COLUMNS = (
     "mpp",
     "marker_sha256",
 )
+#: The contract's columns (the first 18 of :data:`SLIDE_COLUMNS`).
+REQUIRED_SLIDE_COLUMNS = SLIDE_COLUMNS[: SLIDE_COLUMNS.index("seconds") + 1]
 CELL_TYPE_NAMES = ("tumor", "lymphocyte", "macrophage", "other")
 #: Tiles sampled (evenly over the tissue) to estimate a slide's stain vectors.
 STAIN_SAMPLE_TILES = 48
