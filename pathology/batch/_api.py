@@ -25,7 +25,14 @@ from pathology.batch._manifest import SlideJob
 from pathology.batch._slide import SLIDE_COLUMNS, ScoreSettings, SlideOutcome, score_slide
 from pathology.errors import OutputExistsError, PathologyError
 
-__all__ = ["BatchProgress", "BatchResult", "SlideFailure", "collect_rows", "score_slides"]
+__all__ = [
+    "BatchProgress",
+    "BatchResult",
+    "SlideFailure",
+    "collect_rows",
+    "finish_batch",
+    "score_slides",
+]
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +180,20 @@ def score_slides(
         write_batch_files(root, result.failures, provenance)
         if progress is not None:
             progress.slide_finished(job, outcome)
-    frame = write_batch_files(root, result.failures, provenance)
+    finish_batch(result, provenance)
+    return result
+
+
+def finish_batch(result: BatchResult, provenance: dict[str, Any]) -> None:
+    """Final ``slides.csv`` / ``failures.csv`` and ``report.html`` (serial and distributed runs)."""
     from pathology.batch._report import write_batch_report
 
+    frame = write_batch_files(result.out, result.failures, provenance)
     markers = {o.row["marker"]: o.row["marker_sha256"] for o in result.done}
     write_batch_report(
-        root / "report.html",
+        result.out / "report.html",
         frame,
-        out_dir=root,
+        out_dir=result.out,
         failures=[(f.path, f.error) for f in result.failures],
         provenance={**provenance, **{f"marker {k} sha256": v for k, v in markers.items()}},
     )
-    return result

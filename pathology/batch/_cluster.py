@@ -42,6 +42,7 @@ from pathology.batch._api import (
     BatchResult,
     SlideFailure,
     _one_line,
+    finish_batch,
     write_batch_files,
 )
 from pathology.batch._manifest import SlideJob
@@ -663,7 +664,6 @@ def score_slides_distributed(
     from distributed import as_completed
 
     from pathology import __version__
-    from pathology.batch._report import write_batch_report
 
     settings = settings or ScoreSettings()
     if n_workers < 1:
@@ -736,15 +736,7 @@ def score_slides_distributed(
         shutil.rmtree(attempts_dir, ignore_errors=True)
     result.done.sort(key=lambda o: order[o.slide_id])
     result.failures.sort(key=lambda f: order[f.slide_id])
-    frame = write_batch_files(root, result.failures, provenance)
-    markers = {o.row["marker"]: o.row["marker_sha256"] for o in result.done}
-    write_batch_report(
-        root / "report.html",
-        frame,
-        out_dir=root,
-        failures=[(f.path, f.error) for f in result.failures],
-        provenance={**provenance, **{f"marker {k} sha256": v for k, v in markers.items()}},
-    )
+    finish_batch(result, provenance)
     return result
 
 

@@ -455,7 +455,6 @@ def score_slide(
             "scoring": round(t_scoring, 3),
             "outputs": round(t_outputs, 3),
         },
-        "tiles_scored_now": int(scores.counts.shape[0]) if scores.shards_scored else 0,
         "shards": {"scored": scores.shards_scored, "resumed": scores.shards_skipped},
     }
     write_text(slide_dir / "slide.json", json.dumps(record, indent=2) + "\n")
