@@ -9,6 +9,7 @@ of the input tile so the measuring stage can sample at its own resolution.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -79,6 +80,22 @@ def _gauss_matrix(n: int, sigma_px: float, deriv: int, device: torch.device) -> 
     return torch.from_numpy(_gauss_matrix_np(n, round(sigma_px, 4), deriv)).to(device)
 
 
+#: Width (pixels) of the output blocks of the banded matmuls below.
+_BLOCK_PX = 40
+
+
+def _blocks(n: int, r: int) -> list[tuple[int, int, int, int]]:
+    """Output blocks ``[a, b)`` of an ``n``-long axis with the input span ``[lo, hi)`` a filter of
+    half-width ``r`` reads for them."""
+    nb = max(1, round(n / _BLOCK_PX))
+    e = [round(i * n / nb) for i in range(nb + 1)]
+    return [(a, b, max(0, a - r), min(n, b + r)) for a, b in itertools.pairwise(e)]
+
+
+def _radius(sigma_px: float) -> int:
+    return max(1, math.ceil(3.0 * round(sigma_px, 4)))
+
+
 def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """Separable Gaussian blur of (..., H, W) float with zero padding, as two banded matmuls
     (several times faster than a convolution with a long 1-D kernel on the CPU)."""
@@ -88,14 +105,56 @@ def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
     return gy.T @ (img @ gx)
 
 
+@functools.lru_cache(maxsize=64)
+def _log_plan(h: int, w: int, sigma_px: float, device: torch.device) -> tuple[list, list]:
+    """Block matrices of :func:`log_response` for an (h, w) image, cached per device: x blocks
+    ``(a, b, lo, hi, [Gx | Gxx][lo:hi, a:b])`` and y blocks ``(a, b, lo, hi, Gy^T, Gyy^T)``."""
+    import torch
+
+    r = _radius(sigma_px)
+    gx = torch.from_numpy(_gauss_matrix_np(w, sigma_px, 0))
+    gxx = torch.from_numpy(_gauss_matrix_np(w, sigma_px, 2))
+    gy = torch.from_numpy(_gauss_matrix_np(h, sigma_px, 0))
+    gyy = torch.from_numpy(_gauss_matrix_np(h, sigma_px, 2))
+    xs = []
+    for a, b, lo, hi in _blocks(w, r):
+        m = torch.stack([gx[lo:hi, a:b], gxx[lo:hi, a:b]], 1).reshape(hi - lo, 2 * (b - a))
+        xs.append((a, b, lo, hi, m.to(device)))
+    ys = []
+    for a, b, lo, hi in _blocks(h, r):
+        ys.append(
+            (
+                a,
+                b,
+                lo,
+                hi,
+                gy.T[a:b, lo:hi].contiguous().to(device),
+                gyy.T[a:b, lo:hi].contiguous().to(device),
+            )
+        )
+    return xs, ys
+
+
 def log_response(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Scale-normalised negative Laplacian of Gaussian, ``-sigma^2 (Gxx + Gyy) * img``."""
+    """Scale-normalised negative Laplacian of Gaussian, ``-sigma^2 (Gxx + Gyy) * img``.
+
+    The filters are banded matrices (zero padding: OD 0 is glass), applied block by block so each
+    matmul only spans the band: the same sums as the dense ``Gy^T (img Gxx) + Gyy^T (img Gx)``
+    at about half the multiply-adds. The x pass applies Gx and Gxx in one matmul per block.
+    """
+    import torch
+
     h, w = img.shape[-2:]
-    gy = _gauss_matrix(h, sigma_px, 0, img.device)
-    gx = _gauss_matrix(w, sigma_px, 0, img.device)
-    gyy = _gauss_matrix(h, sigma_px, 2, img.device)
-    gxx = _gauss_matrix(w, sigma_px, 2, img.device)
-    return -(sigma_px * sigma_px) * (gyy.T @ (img @ gx) + gy.T @ (img @ gxx))
+    xs, ys = _log_plan(h, w, round(sigma_px, 4), img.device)
+    xa = torch.empty((*img.shape[:-1], 2, w), dtype=img.dtype, device=img.device)
+    for a, b, lo, hi, m in xs:  # xa[..., 0, :] = img Gx, xa[..., 1, :] = img Gxx
+        xa[..., a:b] = (img[..., lo:hi] @ m).unflatten(-1, (2, b - a))
+    out = torch.empty(img.shape, dtype=img.dtype, device=img.device)
+    for a, b, lo, hi, gy_t, gyy_t in ys:
+        blk = out[..., a:b, :]
+        blk.copy_(gy_t @ xa[..., lo:hi, 1, :])
+        blk.add_(gyy_t @ xa[..., lo:hi, 0, :])
+    return out.mul_(-(sigma_px * sigma_px))
 
 
 def _subpixel(
@@ -161,6 +220,17 @@ def _suppress(
     return ~covered.any(2)[n, pos]
 
 
+def _max3x3(r: torch.Tensor) -> torch.Tensor:
+    """3x3 maximum of (N, h, w) with the outside ignored, as two separable passes of slices
+    (``max_pool2d`` with stride 1 is ten times slower on the CPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    p = F.pad(r, (1, 1, 1, 1), value=-math.inf)
+    row = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
+    return torch.maximum(torch.maximum(row[:, :-2], row[:, 1:-1]), row[:, 2:])
+
+
 def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_RESPONSE) -> Peaks:
     """Nucleus centres and scales on a detection map.
 
@@ -174,26 +244,27 @@ def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_R
         Smallest scale-normalised LoG response kept.
     """
     import torch
-    import torch.nn.functional as F
 
     sig_px = [s / det_mpp for s in SIGMAS_UM]
-    logs = []
-    for s in sig_px:
-        logs.append(log_response(det, s))
-    stack = torch.cat(logs, dim=1)  # (N, S, h, w)
-    resp, scale = stack.max(dim=1)  # (N, h, w)
+    # Best scale per pixel, as a running maximum (the first scale wins ties, as max() would).
+    resp = log_response(det, sig_px[0])[:, 0]  # (N, h, w)
+    scale8 = torch.zeros(resp.shape, dtype=torch.uint8, device=det.device)
+    for i, s in enumerate(sig_px[1:], start=1):
+        r = log_response(det, s)[:, 0]
+        scale8.masked_fill_(r > resp, i)
+        torch.maximum(resp, r, out=resp)
     n_, h, w = resp.shape
     # Deterministic tie-break so a flat-topped peak yields exactly one maximum.
     ramp = torch.arange(h * w, device=det.device, dtype=torch.float32).view(1, h, w) / (h * w)
     resp_t = resp + 1e-6 * ramp
-    local = F.max_pool2d(resp_t.unsqueeze(1), 3, stride=1, padding=1).squeeze(1)
+    local = _max3x3(resp_t)
     n, y, x = ((resp_t >= local) & (resp > min_response)).nonzero(as_tuple=True)
     # Scale-aware suppression among the candidates: a peak inside NMS_FRACTION of the radius of
     # a stronger one is the same nucleus (texture, nucleoli, a lobe).
-    keep = _suppress(n, y, x, resp_t[n, y, x], scale[n, y, x], sig_px, n_)
+    keep = _suppress(n, y, x, resp_t[n, y, x], scale8[n, y, x].long(), sig_px, n_)
     n, y, x = n[keep], y[keep], x[keep]
     dy, dx = _subpixel(resp, n, y, x)
     yx = torch.stack([(y.float() + 0.5 + dy) * det_mpp, (x.float() + 0.5 + dx) * det_mpp], dim=1)
     sig = torch.tensor(SIGMAS_UM, device=det.device, dtype=torch.float32)
-    radius = sig[scale[n, y, x]] * math.sqrt(2.0)
+    radius = sig[scale8[n, y, x].long()] * math.sqrt(2.0)
     return Peaks(tile=n, yx_um=yx, radius_um=radius, response=resp[n, y, x])

@@ -163,8 +163,8 @@ def sample_rays(
             nb_dist,
         )
 
-    pts = yx_um[:, None, None, :] + t[None, None, :, None] * dirs[None, :, None, :]  # (K, A, S, 2)
-    samp = sample_points(maps, meas_mpp, tile, pts.reshape(k_all, a * s, 2))  # (K, 2, A*S)
+    offsets = (t.view(1, s, 1) * dirs.view(a, 1, 2)).reshape(a * s, 2)  # ray points around a centre
+    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*S)
     h = samp[:, 0].reshape(k_all, a, s)
     dab = samp[:, 1].reshape(k_all, a, s)
 
@@ -312,26 +312,54 @@ def _edge_profile(
     off = torch.tensor(EDGE_OFFSETS_UM, device=maps.device)
     p = off.numel()
     t = edge_um.unsqueeze(2) + off.view(1, 1, -1)  # (K, A, P)
-    pts = yx_um[:, None, None, :] + t.unsqueeze(3) * dirs[None, :, None, :]
-    samp = sample_points(maps[:, 1:2], meas_mpp, tile, pts.reshape(k_all, a * p, 2))
+    offsets = (t.unsqueeze(3) * dirs[None, :, None, :]).reshape(k_all, a * p, 2)
+    samp = sample_points(maps[:, 1:2], meas_mpp, tile, yx_um, offsets)
     return samp[:, 0].reshape(k_all, a, p)
 
 
 def sample_points(
-    maps: torch.Tensor, meas_mpp: float, tile: torch.Tensor, yx_um: torch.Tensor
+    maps: torch.Tensor,
+    meas_mpp: float,
+    tile: torch.Tensor,
+    centre_um: torch.Tensor,
+    offset_um: torch.Tensor,
 ) -> torch.Tensor:
-    """Bilinear samples of ``maps`` (N, C, H, W) at M points per item: ``yx_um`` (K, M, 2) in um
-    from the top-left corner of tile ``tile`` (K,); returns (K, C, M). One ``grid_sample`` call."""
+    """Bilinear samples of ``maps`` (N, C, H, W) at ``centre_um + offset_um``: centres (K, 2) in um
+    from the top-left corner of tile ``tile`` (K,), offsets (M, 2) shared by all items or (K, M, 2);
+    returns (K, C, M).
+
+    Points are clamped to their own tile (border padding), then all tiles are sampled as one tall
+    (C, N*H, W) image in a single ``grid_sample`` call: no padded per-tile grid and no gather
+    afterwards. Stain-major maps (see :func:`deconvolve`) are viewed that way without a copy.
+    """
     import torch
     import torch.nn.functional as F
 
-    n_tiles, _, hh, ww = maps.shape
-    m = yx_um.shape[1]
-    _, pos, kmax = tile_slots(tile, n_tiles)
-    # grid_sample wants (x, y) normalised so -1 / +1 are the outer pixel edges.
-    gx = yx_um[..., 1] / (meas_mpp * ww) * 2 - 1
-    gy = yx_um[..., 0] / (meas_mpp * hh) * 2 - 1
-    grid = torch.zeros((n_tiles, kmax, m, 2), device=maps.device)
-    grid[tile, pos] = torch.stack([gx, gy], -1)
-    samp = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return samp.permute(0, 2, 1, 3)[tile, pos]
+    n_tiles, c, hh, ww = maps.shape
+    k = centre_um.shape[0]
+    m = offset_um.shape[-2]
+    tall = maps.transpose(0, 1)
+    tall = (tall if tall.is_contiguous() else tall.contiguous()).view(1, c, n_tiles * hh, ww)
+    # Normalised coordinates for align_corners=True (-1 / +1 = centres of the first / last pixel)
+    # of the tall image, where tile t occupies rows [t H, (t + 1) H). Clamping each point to
+    # its own tile's pixel centres is padding_mode="border" per tile; every scale and shift is
+    # folded into the centres and the clamp bounds, so each plane takes one add and one clamp.
+    sx = 2.0 / max(ww - 1, 1) / meas_mpp
+    sy = 2.0 / max(n_tiles * hh - 1, 1) / meas_mpp
+    half_px_x, half_px_y = 0.5 * meas_mpp * sx, 0.5 * meas_mpp * sy
+    lo_y = (tile.to(maps.dtype) * (hh * meas_mpp * sy) - 1.0).view(-1, 1)
+    hi_y = lo_y + (hh - 1) * meas_mpp * sy
+    cx = (centre_um[:, 1] * sx - (1.0 + half_px_x)).view(-1, 1)
+    cy = (centre_um[:, 0] * sy - half_px_y).view(-1, 1) + lo_y
+    gx = torch.add(cx, offset_um[..., 1] * sx).clamp_(-1.0, 1.0)
+    gy = torch.add(cy, offset_um[..., 0] * sy)
+    gy = torch.minimum(torch.maximum(gy, lo_y, out=gy), hi_y, out=gy)
+    # Interleave as (x, y): copying each plane into a strided view is several times faster on the
+    # CPU than torch.stack.
+    grid = torch.empty((k, m, 2), dtype=maps.dtype, device=maps.device)
+    grid[..., 0].copy_(gx)
+    grid[..., 1].copy_(gy)
+    samp = F.grid_sample(
+        tall, grid.view(1, 1, k * m, 2), mode="bilinear", padding_mode="border", align_corners=True
+    )
+    return samp.view(c, k, m).transpose(0, 1)

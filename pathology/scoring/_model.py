@@ -150,10 +150,12 @@ class CellScorer(nn.Module):
 
     # -- stages ------------------------------------------------------------------------------
     def stain_maps(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(N, 2, h, w) haematoxylin and DAB OD at the measuring resolution."""
+        """(N, 2, h, w) haematoxylin and DAB OD at the measuring resolution (a view of stain-major
+        storage: ``maps[:, 0]`` is contiguous)."""
         conc = deconvolve(tiles, torch.as_tensor(self.log_i0), torch.as_tensor(self.unmix))
         if self.meas_factor > 1:
-            conc = F.avg_pool2d(conc, self.meas_factor)
+            # Pool the stain-major (k, N, H, W) storage, keeping that layout (see ``deconvolve``).
+            conc = F.avg_pool2d(conc.transpose(0, 1), self.meas_factor).transpose(0, 1)
         return conc
 
     def detect(self, maps: torch.Tensor) -> tuple[Rays, torch.Tensor, torch.Tensor]:
