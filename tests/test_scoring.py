@@ -214,6 +214,10 @@ def test_score_tiles_layouts_blank_tiles_and_errors() -> None:
     assert ((nhwc.cells["x"] >= -0.5) & (nhwc.cells["x"] < 256)).all()
     with pytest.raises(ValueError, match="uint8"):
         score_tiles(tiles.astype(np.float32), "ki67", mpp=0.5, device="cpu")
+    # A batch of glass only: no detections at all, still one row of zero counts per tile.
+    glass = score_tiles(tiles[2:].repeat(2, 0), "ki67", mpp=0.5, device="cpu")
+    assert glass.counts.shape == (2, len(glass.count_names)) and glass.counts.sum() == 0
+    assert all(len(v) == 0 for v in glass.cells.values())
 
 
 def test_cell_type_model_refit_and_load(tmp_path) -> None:

@@ -63,6 +63,7 @@ class Rays:
     h_nucleus: torch.Tensor  # (K,) mean haematoxylin OD in the nucleus
     h_around: torch.Tensor  # (K,) haematoxylin OD just outside the nucleus
     dab_nucleus: torch.Tensor  # (K,) mean DAB OD in the nucleus
+    dab_wcum: torch.Tensor  # (K, A, S + 1) prefix sums of DAB x (t + step / 2) along each ray
     density: torch.Tensor  # (K,) other cells within DENSITY_RADIUS_UM
     nb_index: torch.Tensor  # (K, N_NEIGHBOURS) global index of neighbours, -1 = none
     nb_dist_um: torch.Tensor  # (K, N_NEIGHBOURS)
@@ -83,6 +84,47 @@ class Compartments:
 def _wmean(v: torch.Tensor, w: torch.Tensor, dim: int = -1) -> torch.Tensor:
     den = w.sum(dim)
     return (v * w).sum(dim) / den.clamp_min(1e-9)
+
+
+# Ray samples sit at t_i = i * RAY_STEP_UM exactly, so a radial band ``lo <= t <= hi`` is the index
+# range [ceil(lo / step), floor(hi / step)], and a (weighted) mean over it is a difference of
+# prefix sums: two gathers per ray instead of a mask over every sample.
+
+
+def _prefix(v: torch.Tensor) -> torch.Tensor:
+    """(..., S + 1) prefix sums along the last axis, starting at 0."""
+    import torch
+
+    out = torch.zeros((*v.shape[:-1], v.shape[-1] + 1), dtype=v.dtype, device=v.device)
+    torch.cumsum(v, -1, out=out[..., 1:])
+    return out
+
+
+def _band(lo_um: torch.Tensor, hi_um: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample index range ``[i0, i1)`` (int64) of ``lo_um <= t <= hi_um``, within [0, s]."""
+    import torch
+
+    i0 = (lo_um / RAY_STEP_UM).ceil().long().clamp(0, s)
+    i1 = ((hi_um / RAY_STEP_UM).floor().long() + 1).clamp(0, s)
+    return i0, torch.maximum(i0, i1)
+
+
+def _band_sum(prefix: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
+    """Sum over samples [i0, i1) from prefix sums (K, A, S + 1); i0, i1 broadcast to (K, A)."""
+    shape = prefix.shape[:-1]
+    hi = prefix.gather(-1, i1.expand(shape).unsqueeze(-1)).squeeze(-1)
+    lo = prefix.gather(-1, i0.expand(shape).unsqueeze(-1)).squeeze(-1)
+    return hi - lo
+
+
+def _band_mean(
+    prefix: torch.Tensor, wprefix: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor
+) -> torch.Tensor:
+    """Weighted mean over samples [i0, i1) from the prefix sums of ``v * w`` (K, A, S + 1) and of
+    the weights (S + 1,); 0 where the band is empty, as :func:`_wmean` gives."""
+    num = _band_sum(prefix, i0, i1)
+    den = (wprefix[i1] - wprefix[i0]).expand(num.shape)
+    return (num / den.clamp_min(1e-9)).masked_fill((i1 <= i0).expand(num.shape), 0.0)
 
 
 def _neighbours(
@@ -147,20 +189,21 @@ def sample_rays(
         z = torch.zeros(0, device=dev)
         e = torch.zeros((0, a, s), device=dev)
         return Rays(
-            tile,
-            yx_um,
-            e,
-            e,
-            t,
-            torch.zeros((0, a), device=dev),
-            z,
-            z,
-            z,
-            z,
-            z,
-            z,
-            nb_index,
-            nb_dist,
+            tile=tile,
+            yx_um=yx_um,
+            h=e,
+            dab=e,
+            t_um=t,
+            edge_um=torch.zeros((0, a), device=dev),
+            area_um2=z,
+            elongation=z,
+            h_nucleus=z,
+            h_around=z,
+            dab_nucleus=z,
+            dab_wcum=torch.zeros((0, a, s + 1), device=dev),
+            density=z,
+            nb_index=nb_index,
+            nb_dist_um=nb_dist,
         )
 
     offsets = (t.view(1, s, 1) * dirs.view(a, 1, 2)).reshape(a * s, 2)  # ray points around a centre
@@ -170,17 +213,32 @@ def sample_rays(
 
     # Nucleus edge per ray: first fall below half-way between centre and surroundings.
     r0 = radius_um.clamp(2.0, 8.0)
-    tt = t.view(1, 1, s)
-    centre = tt <= (0.5 * r0).clamp_min(1.0).view(-1, 1, 1)
-    h0 = _wmean(h, (centre * (tt + RAY_STEP_UM / 2)).float(), dim=2).mean(1)
-    ring = (tt >= (r0 + 1.5).view(-1, 1, 1)) & (tt <= (r0 + 4.0).view(-1, 1, 1))
-    ring_min = torch.where(ring, h, torch.full_like(h, math.inf)).amin(2)  # (K, A)
+    # Weighted means over radial bands by prefix sums (see _band); weights t + step / 2 give each
+    # sample the area of its annulus.
+    wpre = _prefix(t + RAY_STEP_UM / 2)
+    hw = _prefix(h * (t + RAY_STEP_UM / 2))
+    dw = _prefix(dab * (t + RAY_STEP_UM / 2))
+    r0 = radius_um.clamp(2.0, 8.0)
+    zero = torch.zeros_like(r0)
+    i0, i1 = _band(zero, (0.5 * r0).clamp_min(1.0), s)
+    h0 = _band_mean(hw, wpre, i0.view(-1, 1), i1.view(-1, 1)).mean(1)
+    # Surroundings: the darkest sample of each ray in [r0 + 1.5, r0 + 4] um (at most 6 samples,
+    # always inside the ray since r0 <= 8), then the median over rays.
+    i0, i1 = _band(r0 + 1.5, r0 + 4.0, s)
+    span = torch.arange(math.floor(2.5 / RAY_STEP_UM) + 1, device=dev)
+    ring_idx = torch.minimum(i0.view(-1, 1) + span, (i1 - 1).view(-1, 1))  # (K, 6)
+    ring_min = h.gather(2, ring_idx.unsqueeze(1).expand(-1, a, -1)).amin(2)  # (K, A)
     hb = ring_min.median(1).values.clamp_min(0.0)
     thr = 0.5 * (h0 + hb)
+    # Nucleus edge per ray: the first sample (after the centre) below half-way between centre and
+    # surroundings, or the first at or beyond ``limit``.
     limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
-    below = (h < thr.view(-1, 1, 1)) & (tt >= RAY_STEP_UM)
-    below = below | (tt >= limit.view(-1, 1, 1))
-    first = below.float().argmax(2).clamp_min(1)  # (K, A)
+    i_lim = (limit / RAY_STEP_UM).ceil().long().view(-1, 1)
+    below = h < thr.view(-1, 1, 1)
+    below[..., 0] = False
+    idx = below.to(torch.uint8).argmax(2)  # first True, or 0 when none
+    found = below.gather(2, idx.unsqueeze(2)).squeeze(2)
+    first = torch.where(found, torch.minimum(idx, i_lim), i_lim.expand_as(idx)).clamp_min(1)
     hi = h.gather(2, first.unsqueeze(2)).squeeze(2)
     lo = h.gather(2, (first - 1).unsqueeze(2)).squeeze(2)
     frac = ((lo - thr.view(-1, 1)) / (lo - hi).clamp_min(1e-6)).clamp(0, 1)
@@ -196,9 +254,9 @@ def sample_rays(
     tr, det = cyy + cxx, cyy * cxx - cxy**2
     disc = (tr * tr / 4 - det).clamp_min(0).sqrt()
     elong = ((tr / 2 + disc) / (tr / 2 - disc).clamp_min(1e-6)).sqrt().clamp(1.0, 10.0)
-    inside = (tt <= 0.8 * edge.unsqueeze(2)).float() * (tt + RAY_STEP_UM / 2)
-    h_nuc = _wmean(h, inside, 2).mean(1)
-    dab_nuc = _wmean(dab, inside, 2).mean(1)
+    i0, i1 = _band(torch.zeros_like(edge), 0.8 * edge, s)
+    h_nuc = _band_mean(hw, wpre, i0, i1).mean(1)
+    dab_nuc = _band_mean(dw, wpre, i0, i1).mean(1)
     return Rays(
         tile=tile,
         yx_um=yx_um,
@@ -211,6 +269,7 @@ def sample_rays(
         h_nucleus=h_nuc,
         h_around=hb,
         dab_nucleus=dab_nuc,
+        dab_wcum=dw,
         density=density,
         nb_index=nb_index,
         nb_dist_um=nb_dist,
@@ -268,16 +327,14 @@ def measure_compartments(
     )
     edge_cell = torch.minimum(tb.amin(2), body_radius_um.view(-1, 1))
     edge_cell = torch.maximum(edge_cell, rays.edge_um + 0.5).clamp(max=RAY_MAX_UM - MEMBRANE_OUT_UM)
-    tt = rays.t_um.view(1, 1, s)
-    ec = edge_cell.unsqueeze(2)
-    en = rays.edge_um.unsqueeze(2)
-    w = tt + RAY_STEP_UM / 2
-    cyto_mask = (tt >= en + 0.75) & (tt <= ec - 1.0)
-    fallback = (tt >= en + 0.25) & (tt <= ec)
-    has = cyto_mask.any(2, keepdim=True)
-    cmask = torch.where(has, cyto_mask, fallback).float() * w
-    cyto_ray = _wmean(rays.dab, cmask, 2)  # (K, A)
-    cytoplasm = _wmean(rays.dab, cmask, 2).mean(1)
+    en, ec = rays.edge_um, edge_cell
+    wpre = _prefix(rays.t_um + RAY_STEP_UM / 2)
+    # Cytoplasm: [nucleus edge + 0.75, cell edge - 1] um, or [+ 0.25, cell edge] when that is empty.
+    c0, c1 = _band(en + 0.75, ec - 1.0, s)
+    f0, f1 = _band(en + 0.25, ec, s)
+    has = c1 > c0
+    cyto_ray = _band_mean(rays.dab_wcum, wpre, torch.where(has, c0, f0), torch.where(has, c1, f1))
+    cytoplasm = cyto_ray.mean(1)  # (K,)
     # Fine DAB profile across the cell edge on every ray: its peak is the membrane, and its
     # centroid says on which side of the shared edge the stain lies.
     prof = _edge_profile(maps, meas_mpp, rays.tile, rays.yx_um, dirs, edge_cell)  # (K, A, P)
@@ -286,8 +343,11 @@ def measure_compartments(
     mem_ray = prof[..., own].amax(2)
     excess = (prof - prof.amin(2, keepdim=True)).clamp_min(0)
     centroid = _wmean(off.view(1, 1, -1).expand_as(excess), excess, 2)
-    inner = (tt >= ec - 3.0) & (tt <= ec - 1.5) & (tt >= en + 0.5)
-    inner_ray = torch.where(inner.any(2), _wmean(rays.dab, inner.float(), 2), cyto_ray)
+    # Cytoplasm just inside the membrane, unweighted: [max(cell edge - 3, nucleus edge + 0.5),
+    # cell edge - 1.5] um, or the whole cytoplasm when that is empty.
+    i0, i1 = _band(torch.maximum(ec - 3.0, en + 0.5), ec - 1.5, s)
+    count = torch.arange(s + 1, device=dev, dtype=rays.dab.dtype)
+    inner_ray = torch.where(i1 > i0, _band_mean(_prefix(rays.dab), count, i0, i1), cyto_ray)
     stained = (mem_ray >= membrane_cut) & (mem_ray - inner_ray >= ridge_od)
     stained &= centroid <= max_offset_um
     coverage = stained.float().mean(1)

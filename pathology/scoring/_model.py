@@ -317,6 +317,7 @@ def _subset(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
         h_nucleus=rays.h_nucleus[keep],
         h_around=rays.h_around[keep],
         dab_nucleus=rays.dab_nucleus[keep],
+        dab_wcum=rays.dab_wcum[keep],
         density=density,
         nb_index=nb_index,
         nb_dist_um=nb_dist,
