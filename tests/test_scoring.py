@@ -21,7 +21,7 @@ from pathology.scoring import (
     score_tiles,
 )
 from pathology.scoring._device import run_halving
-from pathology.stain import DAB, EOSIN, HAEMATOXYLIN, StainMatrix, rgb_to_od
+from pathology.stain import DAB, EOSIN, HAEMATOXYLIN, StainMatrix, od_to_rgb, rgb_to_od
 from pathology.synth import SynthParams, render_region
 
 SHIFTED = ((0.55, 0.76, 0.35), (0.33, 0.62, 0.71))  # ~7.5 and ~6 degrees off the references
@@ -153,6 +153,42 @@ def test_stain_estimation_recovers_shifted_vectors() -> None:
         assert np.degrees(np.arccos(min(1.0, cos))) < 2.0
     assert est.in_range and est.method == "estimated"
     assert all(230 <= b <= 252 for b in est.background)
+
+
+def test_pale_counterstain_is_rescaled_per_slide_and_dab_is_not() -> None:
+    """A slide with half the haematoxylin (a pale counterstain) gets its haematoxylin scaled back
+    into the classifier's range by the stain estimate; a synthetic slide keeps factor 1; DAB is
+    never rescaled."""
+    from dataclasses import replace
+
+    from pathology.scoring import load_model
+    from pathology.scoring._stains import H_P99_RANGE, StainEstimate, counterstain_scale
+    from pathology.stain import H_DAB
+
+    p = SynthParams.preset("ki67", width=768, height=768, mpp=0.5, seed=12)
+    r = render_region(p)
+    est = estimate_stains(r.rgb, estimate_dab=False)
+    assert est.h_scale == 1.0
+    # Halve the haematoxylin amount of every pixel, keep DAB: a paler counterstain.
+    od = rgb_to_od(r.rgb, est.background)
+    conc = H_DAB.unmix(od)
+    conc[..., 0] *= 0.5
+    pale_od = conc @ H_DAB.complete()
+    pale = od_to_rgb(pale_od, est.background)
+    pale_est = estimate_stains(pale, estimate_dab=False)
+    _, p99 = counterstain_scale(od.reshape(-1, 3).astype(np.float64), est.stains)
+    _, pale_p99 = counterstain_scale(
+        rgb_to_od(pale, pale_est.background).reshape(-1, 3).astype(np.float64), pale_est.stains
+    )
+    assert H_P99_RANGE[0] <= p99 <= H_P99_RANGE[1]
+    assert 0.45 * p99 <= pale_p99 <= 0.65 * p99  # about half: fewer pale pixels pass H > 0.05
+    # Brought back to the lower end of the classifier's range, not further.
+    assert pale_est.h_scale == pytest.approx(H_P99_RANGE[0] / pale_p99, rel=0.02)
+    assert StainEstimate.from_dict(pale_est.to_dict()) == pale_est
+    ref = load_model("ki67", 0.5, stains=replace(pale_est, h_scale=1.0), device="cpu")
+    scaled = load_model("ki67", 0.5, stains=pale_est, device="cpu")
+    np.testing.assert_allclose(scaled.unmix[:, 0], ref.unmix[:, 0] * pale_est.h_scale, rtol=1e-6)
+    np.testing.assert_array_equal(scaled.unmix[:, 1], ref.unmix[:, 1])
 
 
 # -- device ----------------------------------------------------------------------------------
@@ -307,8 +343,11 @@ def _deepliif_cases() -> list[tuple[str, np.ndarray, object]]:
 @pytest.mark.realdata
 @pytest.mark.xfail(
     strict=True,
-    reason="physics-v1 misses faint real nuclei and mistypes real tumour cells: the issue's "
-    "DeepLIIF targets (count within 20 %, positive % within 5 points) are not met yet",
+    reason="physics-v1's synthetic-fitted cell typing still drops many real nuclei as `none` after "
+    "the per-image haematoxylin normalisation, mostly pale negative ones, so the count is low and "
+    "positive % high (cells / GT, positive % / GT at 0.25 um/px: Lung1 27/61, 44.4/18.0; 22_2 "
+    "66/137, 16.7/7.3; 34_3 104/100, 43.3/21.0; 6_2 34/46, 85.3/47.8): the issue's DeepLIIF targets "
+    "(count within 20 %, positive % within 5 points) are not met yet",
 )
 def test_deepliif_ki67_targets() -> None:
     for _, img, gt in _deepliif_cases():

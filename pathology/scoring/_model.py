@@ -137,7 +137,10 @@ class CellScorer(nn.Module):
         self.det_mpp = self.meas_mpp * self.det_factor
         st = stains or StainEstimate()
         self.stains = st
-        unmix = np.linalg.inv(st.stains.complete()).astype(np.float32)[:, :2]
+        unmix = np.linalg.inv(st.stains.complete())[:, :2]
+        # Counterstain normalisation: scaling the haematoxylin column of the unmixing matrix scales
+        # the haematoxylin map at no cost; the DAB column stays absolute (intensity bins are OD).
+        unmix = (unmix * np.array([st.h_scale, 1.0])).astype(np.float32)
         self.register_buffer("log_i0", torch.from_numpy(log_background(st.background)))
         self.register_buffer("unmix", torch.from_numpy(np.ascontiguousarray(unmix)))
         self.register_buffer("tw", torch.from_numpy(cell_types.weights))

@@ -21,11 +21,24 @@ from pathology.stain import H_DAB, StainMatrix
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["StainEstimate", "deconvolve", "estimate_stains", "log_background"]
+__all__ = [
+    "StainEstimate",
+    "counterstain_scale",
+    "deconvolve",
+    "estimate_stains",
+    "log_background",
+]
 
 #: Largest angle (degrees) an estimated stain vector may move from the reference before the
 #: estimate is rejected (and the slide flagged ``stain_out_of_range``).
 MAX_ANGLE_DEG = 12.0
+#: Range of the 99th percentile of haematoxylin OD over haematoxylin-only tissue pixels that the
+#: cell-type classifier was fitted on (synthetic slides of the test presets: 0.74-1.16). A slide
+#: outside it has its haematoxylin rescaled to the nearer end (:func:`counterstain_scale`).
+H_P99_RANGE = (0.7, 1.2)
+#: Pixels count as haematoxylin-only for that percentile below this DAB OD and above this
+#: haematoxylin OD (glass and pale stroma excluded).
+H_ONLY_MAX_DAB, H_ONLY_MIN_H = 0.15, 0.05
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,11 @@ class StainEstimate:
         False when an estimate strayed more than ``MAX_ANGLE_DEG`` and the reference was kept.
     method : str
         ``reference`` (defaults) or ``estimated``.
+    notes : tuple of str
+        What was kept or adjusted, for the slide's log.
+    h_scale : float
+        Factor applied to the haematoxylin amount before detection and cell typing
+        (:func:`counterstain_scale`); 1 keeps it as unmixed. DAB is never rescaled.
     """
 
     stains: StainMatrix = H_DAB
@@ -52,6 +70,7 @@ class StainEstimate:
     in_range: bool = True
     method: str = "reference"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    h_scale: float = 1.0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -61,6 +80,7 @@ class StainEstimate:
             "angles_deg": list(self.angles_deg),
             "in_range": self.in_range,
             "method": self.method,
+            "h_scale": self.h_scale,
             "notes": list(self.notes),
         }
 
@@ -76,6 +96,7 @@ class StainEstimate:
             angles_deg=tuple(float(v) for v in d["angles_deg"]),  # type: ignore[arg-type]
             in_range=bool(d["in_range"]),
             method=str(d["method"]),
+            h_scale=float(d.get("h_scale", 1.0)),
             notes=tuple(d.get("notes", ())),
         )
 
@@ -122,6 +143,42 @@ def deconvolve(rgb: torch.Tensor, log_i0: torch.Tensor, unmix: torch.Tensor) -> 
     return out.transpose(0, 1)
 
 
+def counterstain_scale(
+    od: NDArray[np.float64], stains: StainMatrix, min_pixels: int = 2000
+) -> tuple[float, float]:
+    """Haematoxylin concentration normalisation factor of a slide.
+
+    The darkness features of the cell-type classifier (nuclear and peri-nuclear haematoxylin OD,
+    LoG response) are absolute optical densities; a pale counterstain (real Ki-67 slides: 99th
+    percentile 0.36-0.56 OD against 0.74-1.16 on the synthetic training slides) sends real
+    nuclei to ``none``. As in Macenko et al. (ISBI 2009), who scale each stain's concentration so
+    its 99th percentile matches a reference, the haematoxylin amount is scaled so the 99th
+    percentile over haematoxylin-only tissue pixels falls inside :data:`H_P99_RANGE` (a slide
+    already inside it keeps factor 1). DAB is never rescaled: its intensity bins are absolute OD.
+
+    Parameters
+    ----------
+    od : ndarray (M, 3) float64
+        Optical density of sampled pixels.
+    stains : StainMatrix
+        Haematoxylin and DAB vectors the slide will be unmixed with.
+    min_pixels : int
+        Fewer haematoxylin-only pixels than this keeps factor 1.
+
+    Returns
+    -------
+    (float, float)
+        The factor and the measured 99th percentile (NaN when too few pixels).
+    """
+    conc = od @ np.linalg.inv(stains.complete())[:, :2]
+    h = conc[(conc[:, 1] < H_ONLY_MAX_DAB) & (conc[:, 0] > H_ONLY_MIN_H), 0]
+    if len(h) < min_pixels:
+        return 1.0, math.nan
+    p99 = float(np.quantile(h, 0.99))
+    lo, hi = H_P99_RANGE
+    return float(np.clip(p99, lo, hi) / p99), p99
+
+
 def _angle(a: NDArray[np.float64], b: NDArray[np.float64]) -> float:
     c = float(np.clip(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0))
     return math.degrees(math.acos(c))
@@ -142,7 +199,7 @@ def estimate_stains(
     directions of stained pixels' optical density, their extreme angles (1st / 99th percentile)
     taken as the pure stains. An estimate further than ``MAX_ANGLE_DEG`` from the reference, or one
     with too few stained pixels (a p16-negative slide has almost no DAB), keeps the reference for
-    that stain.
+    that stain. Counterstain strength: :func:`counterstain_scale` on the final vectors.
 
     Parameters
     ----------
@@ -161,8 +218,16 @@ def estimate_stains(
         rgb = rgb[rng.choice(len(rgb), max_pixels, replace=False)]
     notes: list[str] = []
     bright = rgb.astype(np.int32).sum(axis=1)
-    glass = rgb[bright >= np.quantile(bright, 0.99)] if len(rgb) else rgb
-    if len(rgb) and len(glass) >= 0.005 * len(rgb) and glass.min(initial=255) >= 180:
+    # Pure white (255, 255, 255) is the padding of tiles cut past the slide's edge, not scanned
+    # glass (whose brightness the scanner records, e.g. 220-245): leave it out of the glass
+    # estimate unless it is most of the sample (an over-exposed scan).
+    scanned = bright < 3 * 255
+    if scanned.sum() >= 0.5 * len(rgb):
+        rgb_g, bright_g = rgb[scanned], bright[scanned]
+    else:
+        rgb_g, bright_g = rgb, bright
+    glass = rgb_g[bright_g >= np.quantile(bright_g, 0.99)] if len(rgb_g) else rgb_g
+    if len(rgb) and len(glass) >= 0.005 * len(rgb_g) and glass.min(initial=255) >= 180:
         b0, b1, b2 = (float(np.clip(np.median(glass[:, c]), 180, 255)) for c in range(3))
         bg: tuple[float, float, float] = (b0, b1, b2)
     else:
@@ -214,4 +279,9 @@ def estimate_stains(
             reference, bg, (0.0, 0.0), False, "reference", (*notes, "stains not separable")
         )
     est = StainMatrix(reference.names, tuple(vectors))  # type: ignore[arg-type]
-    return StainEstimate(est, bg, (angles[0], angles[1]), ok, "estimated", tuple(notes))
+    h_scale, p99 = counterstain_scale(od, est)
+    if h_scale != 1.0:
+        notes.append(f"haematoxylin 99th percentile {p99:.2f} OD: scaled x{h_scale:.2f}")
+    return StainEstimate(
+        est, bg, (angles[0], angles[1]), ok, "estimated", tuple(notes), h_scale=round(h_scale, 4)
+    )
