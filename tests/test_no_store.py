@@ -40,21 +40,29 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "target_mpp",
+    ("target_mpp", "reader"),
     [
-        pytest.param(0.5, id="block-mean-level0"),
-        pytest.param(0.7, id="lanczos"),
-        pytest.param(1.0, id="block-mean-level1"),
+        pytest.param(0.5, "auto", id="block-mean-level0"),
+        pytest.param(0.7, "auto", id="lanczos"),
+        pytest.param(1.0, "auto", id="block-mean-level1"),
+        pytest.param(0.5, "openslide", id="block-mean-openslide"),
     ],
 )
-def test_slide_image_is_the_store_image(slide: Path, tmp_path: Path, target_mpp: float) -> None:
+def test_slide_image_is_the_store_image(
+    slide: Path, tmp_path: Path, target_mpp: float, reader: str
+) -> None:
     from pathology.tiling import TileStore, tile_slide
     from pathology.tiling._image import SlideImage
     from pathology.tiling._read import ReaderSpec
     from pathology.tiling._run import _choose_reader, plan_tissue_tiles
 
     result = tile_slide(
-        slide, tmp_path / "t.zarr", target_mpp=target_mpp, tile_px=128, scheduler="sync"
+        slide,
+        tmp_path / "t.zarr",
+        target_mpp=target_mpp,
+        tile_px=128,
+        scheduler="sync",
+        reader=reader,
     )
     store = TileStore.open(result.store)
     plan = plan_tissue_tiles(slide, target_mpp=target_mpp, tile_px=128)
@@ -63,7 +71,8 @@ def test_slide_image_is_the_store_image(slide: Path, tmp_path: Path, target_mpp:
         k: v.tolist() for k, v in store.table().items()
     }
     grid = plan.grid
-    direct, _ = _choose_reader(slide, "auto", grid)
+    direct, _ = _choose_reader(slide, reader, grid)
+    assert direct is (reader == "auto")
     expected_snap = {0.5: (True, 0), 0.7: (False, 0), 1.0: (True, 1)}[target_mpp]
     assert (grid.snapped, grid.level) == expected_snap
     with SlideImage(ReaderSpec(str(slide), None, direct), grid, plan.tiles_rc) as image:
