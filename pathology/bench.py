@@ -19,12 +19,16 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
   into a fresh parts folder: the model plus reading the tiles from Zarr, as the product scores.
 - ``end_to_end``: :func:`pathology.batch.score_slide` on the same slide into a fresh folder:
   tiling, stain estimate, scoring and outputs (GeoJSON off); rate = tissue tiles / wall seconds.
+- ``end_to_end_no_store``: the same with ``ScoreSettings(store=False)`` (``pathology score
+  --no-store``): tiles rendered from the slide shard by shard, read ahead of the model in
+  ``workers`` threads, no Zarr written or read. Same tiles, same counts: with both stages the
+  JSON says whether the two runs' summed counts agree (``end_to_end_no_store_same_counts``).
 - ``peer``: the classical CPU pipeline (:func:`pathology.peer.classical_score_tile`: skimage
   ``rgb2hed`` + Otsu + watershed + ``regionprops``) on up to ``peer_tiles`` evenly spaced tiles of
   the same set, in ``workers`` processes (started and warmed before the clock starts).
 
 The JSON adds ``<stage>_vs_decode`` for every stage and ``<stage>_vs_peer`` for ``model``,
-``scoring`` and ``end_to_end``.
+``scoring``, ``end_to_end`` and ``end_to_end_no_store``.
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ if TYPE_CHECKING:
 __all__ = ["OPTIONAL_STAGES", "BenchResult", "run_bench"]
 
 #: Stages that can be left out (tiling and decode always run: every other stage needs them).
-OPTIONAL_STAGES = ("model", "scoring", "end_to_end", "peer")
+OPTIONAL_STAGES = ("model", "scoring", "end_to_end", "end_to_end_no_store", "peer")
+#: Stages that run :func:`pathology.batch.score_slide` (the product path), with its store or not.
+END_TO_END = {"end_to_end": True, "end_to_end_no_store": False}
 #: Stages compared with the classical peer.
-PEER_COMPARED = ("model", "scoring", "end_to_end")
+PEER_COMPARED = ("model", "scoring", "end_to_end", "end_to_end_no_store")
 #: The ``model`` stage repeats its pass over the in-memory tiles until it has run this long
 #: (one pass of a few thousand tiles is over in ~0.1 s on a GPU: too short to time).
 MODEL_MIN_S = 2.0
@@ -291,7 +297,8 @@ def run_bench(
     store = tmp / "bench.zarr"
     parts_dir = tmp / "bench-parts"
     e2e_dir = tmp / "bench-end-to-end"
-    for old in (store, parts_dir, e2e_dir):
+    e2e_dirs = {"end_to_end": e2e_dir, "end_to_end_no_store": tmp / "bench-end-to-end-no-store"}
+    for old in (store, parts_dir, *e2e_dirs.values()):
         if old.exists():
             shutil.rmtree(old)
 
@@ -371,7 +378,7 @@ def run_bench(
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
     }
-    if n and set(stages) - {"end_to_end"}:
+    if n and set(stages) - set(END_TO_END):
         _score_stages(
             bench,
             tile_store,
@@ -384,10 +391,19 @@ def run_bench(
             peer_tiles=peer_tiles,
             say=say,
         )
-    if n and "end_to_end" in stages:
-        _end_to_end(bench, slide_path, e2e_dir, marker, str(dev), batch_size, target_mpp, say)
+    totals = {
+        name: _end_to_end(
+            bench, slide_path, e2e_dirs[name], marker, str(dev), batch_size, target_mpp, say, name
+        )
+        for name in END_TO_END
+        if n and name in stages
+    }
+    if len(totals) == 2:  # the no-store path renders the store's pixels: the counts must agree
+        bench.notes["end_to_end_no_store_same_counts"] = (
+            totals["end_to_end"] == totals["end_to_end_no_store"]
+        )
     bench.peak_rss_mb, bench.peak_worker_rss_mb = _peak_rss_mb()
-    for done in (store, parts_dir, e2e_dir):
+    for done in (store, parts_dir, *e2e_dirs.values()):
         shutil.rmtree(done, ignore_errors=True)
     return bench
 
@@ -460,8 +476,11 @@ def _end_to_end(
     batch_size: int,
     target_mpp: float,
     say: Callable[[str], None],
-) -> None:
-    """The product path, :func:`pathology.batch.score_slide`, timed from call to return."""
+    name: str = "end_to_end",
+) -> dict[str, int]:
+    """The product path, :func:`pathology.batch.score_slide`, timed from call to return; ``name``
+    is a key of :data:`END_TO_END` (with the tile store, or straight from the slide). Returns the
+    slide's summed counts."""
     from pathology.batch import ScoreSettings, SlideJob, score_slide
 
     settings = ScoreSettings(
@@ -471,18 +490,20 @@ def _end_to_end(
         workers=bench.workers,
         batch_size=batch_size,
         geojson=False,
+        store=END_TO_END[name],
     )
     job = SlideJob(slide_id="bench", path=slide_path, marker=marker)
-    say("end to end (pathology.batch.score_slide)")
+    say(f"end to end (pathology.batch.score_slide{'' if settings.store else ', no store'})")
     t0 = time.perf_counter()
     outcome = score_slide(job, out, settings)
     seconds = time.perf_counter() - t0
     tiles = int(outcome.row["tissue_tiles"])
-    bench.seconds["end_to_end"] = seconds
-    bench.rates["end_to_end"] = tiles / seconds
-    bench.notes["end_to_end_tiles"] = tiles
+    bench.seconds[name] = seconds
+    bench.rates[name] = tiles / seconds
+    bench.notes[f"{name}_tiles"] = tiles
     record = json.loads((outcome.slide_dir / "slide.json").read_text())
-    bench.notes["end_to_end_split_s"] = record.get("timings_s", {})
+    bench.notes[f"{name}_split_s"] = record.get("timings_s", {})
+    return dict(record["totals"])
 
 
 def write_json(result: BenchResult, path: str | os.PathLike[str]) -> None:

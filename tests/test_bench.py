@@ -19,13 +19,23 @@ REQUIRED = (
     "tiling_tiles_per_s",
     "scoring_tiles_per_s",
     "end_to_end_tiles_per_s",
+    "end_to_end_no_store_tiles_per_s",
     "peer_tiles_per_s",
     "workers",
     "tile_px",
     "mpp",
     "peak_rss_mb",
 )
-STAGES = ("decode", "direct_decode", "tiling", "model", "scoring", "end_to_end", "peer")
+STAGES = (
+    "decode",
+    "direct_decode",
+    "tiling",
+    "model",
+    "scoring",
+    "end_to_end",
+    "end_to_end_no_store",
+    "peer",
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +89,8 @@ def test_bench_reports_rates_and_ratios(bench_run: tuple[dict[str, Any], str, Pa
     # The synthetic slide is kept for the next run in the same --work-dir; the outputs are not.
     assert (tmp / "bench-2048.svs").exists()
     assert not any(
-        (tmp / name).exists() for name in ("bench.zarr", "bench-parts", "bench-end-to-end")
+        (tmp / name).exists()
+        for name in ("bench.zarr", "bench-parts", "bench-end-to-end", "bench-end-to-end-no-store")
     )
 
 
@@ -100,13 +111,16 @@ def test_bench_measures_every_stage_on_the_same_tiles(
                 rate / data["decode_tiles_per_s"], rel=0.01, abs=2e-3
             ), stage
         assert stage in stdout
-    for stage in ("model", "scoring", "end_to_end"):
+    for stage in ("model", "scoring", "end_to_end", "end_to_end_no_store"):
         assert data[f"{stage}_vs_peer"] == pytest.approx(
             data[f"{stage}_tiles_per_s"] / data["peer_tiles_per_s"], rel=0.01, abs=0.01
         ), stage
     # Same tiles everywhere: the product path finds the bench's tissue tiles; the model and the
     # peer ran on all of them here (fewer than their sample caps).
-    assert data["end_to_end_tiles"] == data["tiles"]
+    assert data["end_to_end_tiles"] == data["tiles"] == data["end_to_end_no_store_tiles"]
+    # Scoring straight from the slide renders the store's pixels: the same summed counts.
+    assert data["end_to_end_no_store_same_counts"] is True
+    assert data["end_to_end_no_store_split_s"]["tiling"] < data["end_to_end_split_s"]["tiling"]
     assert data["model_tiles"] == data["tiles"] and data["model_tiles_scored"] >= data["tiles"]
     assert data["peer_tiles"] == min(data["tiles"], 64) and data["peer_processes"] == 2
     assert data["peer_cells"] > 0 and data["scoring_cells"] > 0
@@ -121,7 +135,10 @@ def test_bench_stages_pick_what_runs(tmp_path: Path) -> None:
         assert main([*args, "--device", "cpu", "--stages", "peer", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["peer_tiles_per_s"] > 0 and data["decode_tiles_per_s"] > 0
-    assert not any(f"{s}_tiles_per_s" in data for s in ("model", "scoring", "end_to_end"))
+    assert not any(
+        f"{s}_tiles_per_s" in data
+        for s in ("model", "scoring", "end_to_end", "end_to_end_no_store")
+    )
     assert "scoring_vs_peer" not in data
 
 

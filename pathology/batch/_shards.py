@@ -1,10 +1,12 @@
-"""Score a tile store shard by shard, resumably, with reading overlapped with the model.
+"""Score a slide's tissue tiles shard by shard, resumably, with reading overlapped with the model.
 
-A shard (``shard_tiles x shard_tiles`` tiles, the store's write unit) is read from the Zarr store
-as ONE region with a halo of context around it, cut into overlapping tiles (tile + halo on every
-side), scored as one batch, and its per-tile counts and cells are saved to ``parts/`` as one file,
-written atomically. A rerun scores only the shards without a part file, so a run killed at any
-instant resumes where it stopped and gives the same numbers.
+A shard (``shard_tiles x shard_tiles`` tiles, the store's write unit) is read as ONE region with a
+halo of context around it, cut into overlapping tiles (tile + halo on every side), scored as one
+batch, and its per-tile counts and cells are saved to ``parts/`` as one file, written atomically.
+A rerun scores only the shards without a part file, so a run killed at any instant resumes where it
+stopped and gives the same numbers. The region comes from the Zarr store (:func:`score_store`) or
+straight from the slide (:func:`score_image` over a :class:`~pathology.tiling._image.SlideImage`,
+``pathology score --no-store``); both hold the same pixels, so their part files are interchangeable.
 
 Frames: ``out_*`` pixels of the store image at the store's mpp; tile ``(row, col)`` covers
 ``[col * tile_px, (col + 1) * tile_px)`` in x. Cell ``x``/``y`` in the part files are ``out``
@@ -30,7 +32,15 @@ if TYPE_CHECKING:
     from pathology.scoring._model import CellScorer
     from pathology.tiling import TileStore
 
-__all__ = ["Shard", "StoreScores", "load_parts", "plan_shards", "read_shard_tiles", "score_store"]
+__all__ = [
+    "Shard",
+    "StoreScores",
+    "load_parts",
+    "plan_shards",
+    "read_shard_tiles",
+    "score_image",
+    "score_store",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class StoreScores:
         ``out`` pixels of the whole store image.
     shards_scored, shards_skipped : int
         Shards scored by this call / found done from an earlier run.
+    bad_shards : int
+        Shards with tiles that could not be read (left white), as recorded in the part files.
     """
 
     counts: NDArray[np.int64]
@@ -76,6 +88,7 @@ class StoreScores:
     cells: dict[str, NDArray[Any]]
     shards_scored: int
     shards_skipped: int
+    bad_shards: int = 0
 
 
 def plan_shards(table: dict[str, NDArray[Any]], shard_tiles: int) -> list[Shard]:
@@ -94,7 +107,8 @@ def read_shard_tiles(
 ) -> NDArray[np.uint8]:
     """Tiles (k, 3, T + 2 halo, T + 2 halo) uint8 cut from one read of their bounding region.
 
-    ``image`` is the store's (3, H, W) array; pixels outside it are white glass.
+    ``image`` is the store's (3, H, W) array, or anything sliced like it (a
+    :class:`~pathology.tiling._image.SlideImage`); pixels outside it are white glass.
     """
     _, h, w = image.shape
     t, o = tile_px, halo_px
@@ -114,9 +128,17 @@ def read_shard_tiles(
     return out
 
 
-def _save_part(path: Path, shard: Shard, counts: NDArray[Any], cells: dict[str, Any]) -> None:
+def _save_part(
+    path: Path, shard: Shard, counts: NDArray[Any], cells: dict[str, Any], bad: bool
+) -> None:
     buf = io.BytesIO()
-    np.savez(buf, index=shard.index, counts=counts, **{f"cell_{k}": v for k, v in cells.items()})
+    np.savez(
+        buf,
+        index=shard.index,
+        counts=counts,
+        bad=np.uint8(bad),
+        **{f"cell_{k}": v for k, v in cells.items()},
+    )
     write_bytes(path, buf.getvalue())
 
 
@@ -162,25 +184,71 @@ def score_store(
         Threads reading and cutting shards ahead of the model.
     progress : callable(tiles_done, tiles_total), optional
     """
+    meta = store.meta
+    flags = store.shard_progress
+    return score_image(
+        store.image,
+        store.table(),
+        int(meta["grid"]["tile_px"]),
+        int(meta["shard_tiles"]),
+        scorer,
+        parts_dir,
+        batch_size=batch_size,
+        read_workers=read_workers,
+        progress=progress,
+        is_bad=lambda s: bool(flags[s.shard_rc] == 2),
+    )
+
+
+def score_image(
+    image: Any,
+    table: dict[str, NDArray[Any]],
+    tile_px: int,
+    shard_tiles: int,
+    scorer: CellScorer,
+    parts_dir: Path,
+    *,
+    batch_size: int = 64,
+    read_workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+    is_bad: Callable[[Shard], bool] | None = None,
+) -> StoreScores:
+    """Score the tissue tiles of ``table`` read from ``image``; resumable through ``parts_dir``.
+
+    Parameters
+    ----------
+    image : (3, H, W) uint8 array-like
+        The store's image array, or a :class:`~pathology.tiling._image.SlideImage` rendering the
+        same pixels from the slide; sliced from ``read_workers`` threads at once.
+    table : dict of str -> ndarray (n,)
+        The tile table (``row``, ``col`` at least); counts come back aligned with it.
+    tile_px, shard_tiles : int
+        Tile edge in ``out`` pixels; tiles per shard edge (one part file per shard).
+    scorer, parts_dir, batch_size, read_workers, progress
+        As in :func:`score_store`.
+    is_bad : callable(Shard) -> bool, optional
+        Called after a shard is read: whether some of its tiles were unreadable (recorded in its
+        part file and counted in ``bad_shards``).
+    """
     from pathology.scoring._api import run_model
     from pathology.scoring._model import COUNT_NAMES
 
-    meta = store.meta
-    tile_px = int(meta["grid"]["tile_px"])
-    table = store.table()
     n = len(table["row"])
-    shards = plan_shards(table, int(meta["shard_tiles"]))
+    shards = plan_shards(table, shard_tiles)
     parts_dir.mkdir(parents=True, exist_ok=True)
     pending = [s for s in shards if not (parts_dir / s.name).exists()]
     done = n - sum(len(s.index) for s in pending)
     if progress is not None:
         progress(done, n)
     halo = int(scorer.halo_px)
-    image = store.image
+
+    def read(shard: Shard) -> tuple[NDArray[np.uint8], bool]:
+        tiles = read_shard_tiles(image, shard.tiles_rc, tile_px, halo)
+        return tiles, bool(is_bad(shard)) if is_bad is not None else False
+
     if pending:
         with ThreadPoolExecutor(max_workers=max(1, read_workers)) as pool:
-            reader = lambda s: read_shard_tiles(image, s.tiles_rc, tile_px, halo)  # noqa: E731
-            for shard, tiles in _prefetch(pool, reader, pending, depth=max(2, read_workers)):
+            for shard, (tiles, bad) in _prefetch(pool, read, pending, depth=max(2, read_workers)):
                 res = run_model(scorer, tiles, batch_size)
                 cells = dict(res.cells)
                 if cells:
@@ -188,31 +256,35 @@ def score_store(
                     cells["x"] = cells["x"].astype(np.float64) + shard.tiles_rc[local, 1] * tile_px
                     cells["y"] = cells["y"].astype(np.float64) + shard.tiles_rc[local, 0] * tile_px
                     cells["tile"] = shard.index[local]
-                _save_part(parts_dir / shard.name, shard, res.counts, cells)
+                _save_part(parts_dir / shard.name, shard, res.counts, cells, bad)
                 done += len(shard.index)
                 if progress is not None:
                     progress(done, n)
-    counts, cells = load_parts(parts_dir, shards, n, len(COUNT_NAMES))
+    counts, cells, bad_shards = load_parts(parts_dir, shards, n, len(COUNT_NAMES))
     return StoreScores(
         counts=counts,
         count_names=COUNT_NAMES,
         cells=cells,
         shards_scored=len(pending),
         shards_skipped=len(shards) - len(pending),
+        bad_shards=bad_shards,
     )
 
 
 def load_parts(
     parts_dir: Path, shards: list[Shard], n_tiles: int, n_counts: int
-) -> tuple[NDArray[np.int64], dict[str, NDArray[Any]]]:
-    """Per-tile counts (aligned with the tile table) and all cells from the part files."""
+) -> tuple[NDArray[np.int64], dict[str, NDArray[Any]], int]:
+    """Per-tile counts (aligned with the tile table), all cells, and the number of shards with
+    unreadable tiles, from the part files."""
     counts = np.zeros((n_tiles, n_counts), np.int64)
     pieces: dict[str, list[NDArray[Any]]] = {}
+    bad = 0
     for shard in shards:
         with np.load(parts_dir / shard.name) as part:
             counts[part["index"]] = part["counts"]
+            bad += int(part["bad"]) if "bad" in part.files else 0
             for key in part.files:
                 if key.startswith("cell_"):
                     pieces.setdefault(key[5:], []).append(part[key])
     cells = {k: np.concatenate(v) for k, v in pieces.items()}
-    return counts, cells
+    return counts, cells, bad

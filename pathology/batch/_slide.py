@@ -3,7 +3,8 @@ sum the counts into the slide call, and write the slide's outputs.
 
 Per slide, ``OUT/<slide_id>/`` holds::
 
-    tiles.zarr/      the tile store (tiles, pyramid, tissue mask) + scores/<marker>/counts
+    tiles.zarr/      the tile store (tiles, pyramid, tissue mask) + scores/<marker>/counts;
+                     not made with ``ScoreSettings(store=False)`` (``--no-store``)
     tiles.parquet    one row per tissue tile: grid position, level-0 box, tissue fraction, counts
     cells.parquet    one row per cell (level-0 position, type, DAB per compartment, positivity)
     cells.geojson    the same cells as QuPath detections
@@ -13,6 +14,12 @@ Per slide, ``OUT/<slide_id>/`` holds::
 
 ``slide.json`` is the completion mark: a slide with one is finished and a rerun with the same
 settings skips it; without one, a rerun resumes the store and the scored shards in ``work/``.
+
+Without a store (``store=False``) the tissue mask and the tile grid are planned as for the store,
+and each shard's pixels (with their halo) are rendered straight from the slide by the tiler's own
+reader (:class:`~pathology.tiling._image.SlideImage`): the pixels the store would hold, so the
+counts are the same and part files in ``work/`` serve either way. The per-tile counts are then in
+``tiles.parquet`` only, and the heatmap is drawn over a thumbnail read from the slide.
 """
 
 from __future__ import annotations
@@ -101,6 +108,10 @@ class ScoreSettings:
         Per-slide stain vectors, or the reference H-DAB vectors and white glass.
     geojson : bool
         Write ``cells.geojson`` (large for big slides).
+    store : bool
+        Keep the tiles in ``tiles.zarr`` (a cache: reused by later runs and viewers). False
+        (``--no-store``) scores straight from the slide and writes no image: same pixels, same
+        counts, so it is not part of the settings that decide whether a slide is redone.
     """
 
     target_mpp: float = 0.5
@@ -112,6 +123,7 @@ class ScoreSettings:
     model: str = "physics-v1"
     stains: str = "estimate"
     geojson: bool = True
+    store: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,10 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def _key(job: SlideJob, settings: ScoreSettings, marker_sha: str, marker: str) -> dict[str, Any]:
-    """What determines a slide's results: a finished slide with another key is not reused."""
+    """What determines a slide's results: a finished slide with another key is not reused.
+
+    ``settings.store`` is left out on purpose: with or without a store the tiles have the same
+    pixels, so the results (and the part files of an interrupted run) are the same."""
     return {
         "path": str(job.path.resolve()),
         "file": file_fingerprint(job.path),
@@ -190,8 +205,17 @@ def finished_row(slide_dir: Path, key: dict[str, Any], overwrite: bool) -> dict[
     return None
 
 
-def _stains(store: Any, cfg: Any, work: Path, mode: str) -> Any:
-    """The slide's stain estimate, computed once and saved (a resumed run reuses it)."""
+def _stains(
+    read_tile: Callable[[int, int], NDArray[np.uint8]],
+    table: dict[str, NDArray[Any]],
+    cfg: Any,
+    work: Path,
+    mode: str,
+) -> Any:
+    """The slide's stain estimate, computed once and saved (a resumed run reuses it).
+
+    ``read_tile(row, col)`` gives a tissue tile as (3, T, T) uint8 (from the store or the slide).
+    """
     from pathology.scoring._api import marker_is_nuclear
     from pathology.scoring._stains import StainEstimate, estimate_stains
 
@@ -200,15 +224,11 @@ def _stains(store: Any, cfg: Any, work: Path, mode: str) -> Any:
         if mode == "reference":
             est = StainEstimate()
         else:
-            table = store.table()
             n = len(table["row"])
             order = np.argsort(-table["tissue"], kind="stable")
             pick = np.sort(order[np.linspace(0, n - 1, min(n, STAIN_SAMPLE_TILES)).astype(int)])
             tiles = np.stack(
-                [
-                    store.read_tile(int(table["row"][i]), int(table["col"][i]), overlap_px=0)
-                    for i in pick
-                ]
+                [read_tile(int(table["row"][i]), int(table["col"][i])) for i in pick]
             ).transpose(0, 2, 3, 1)
             est = estimate_stains(tiles, estimate_dab=not marker_is_nuclear(cfg))
         write_text(path, json.dumps(est.to_dict(), indent=2) + "\n")
@@ -227,6 +247,19 @@ def _thumbnail(store: Any, max_px: int = 2048) -> tuple[NDArray[np.uint8], float
     if k > 1:
         thumb = block_mean(thumb, k)
     return np.ascontiguousarray(thumb), float(2**PYRAMID_LEVELS * k)
+
+
+def _slide_thumbnail(
+    path: Path, slide_mpp: float | None, grid: Any, max_px: int = 2048
+) -> tuple[NDArray[np.uint8], float]:
+    """(thumbnail (h, w, 3), ``out`` pixels per thumbnail pixel) read from the slide, at the
+    scale :func:`_thumbnail` gives the store (1/8 of the tiles' resolution, at most ``max_px``)."""
+    from pathology.slide import open_slide, read_downsampled
+
+    out_per_thumb = 8.0 * max(1, -(-max(grid.out_size) // (8 * max_px)))
+    with open_slide(path, mpp=slide_mpp) as reader:
+        thumb, ds_xy = read_downsampled(reader, out_per_thumb * grid.l0_per_out, round_up=True)
+    return thumb, float(ds_xy[0]) / grid.l0_per_out
 
 
 def _cells_frame(cells: dict[str, NDArray[Any]], l0_per_out: float, mpp: float) -> Any:
@@ -285,7 +318,6 @@ def score_slide(
     from pathology.calls import SlideQC, call_slide
     from pathology.scoring import load_marker, load_model
     from pathology.scoring._model import halo_for
-    from pathology.tiling import TileGrid, TileStore, tile_slide
 
     stage = on_stage or (lambda _msg: None)
     cfg = load_marker(job.marker)
@@ -311,56 +343,56 @@ def score_slide(
     work.mkdir(parents=True, exist_ok=True)
     write_text(work / "key.json", json.dumps(key, indent=2) + "\n")
 
-    stage("tiling")
+    stage("tiling" if settings.store else "planning tiles")
     t0 = time.perf_counter()
-    tiling = tile_slide(
-        job.path,
-        slide_dir / "tiles.zarr",
-        target_mpp=settings.target_mpp,
-        tile_px=settings.tile_px,
-        min_tissue=settings.min_tissue,
-        workers=settings.workers,
-        # One worker gains nothing from a process pool but pays its start-up (~1.5 s per slide).
-        scheduler="sync" if settings.workers == 1 else "processes",
-        slide_mpp=job.mpp,
-        overwrite=overwrite,
-        progress=on_tiles,
+    source = (_store_source if settings.store else _slide_source)(
+        job, slide_dir, settings, overwrite, on_tiles
     )
     t_tiling = time.perf_counter() - t0
-    store = TileStore.open(tiling.store, mode="r+")
-    grid = TileGrid.from_dict(store.meta["grid"])
+    grid, table = source.grid, source.table
     mpp = grid.mpp
 
-    stage("stains")
-    t0 = time.perf_counter()
-    stains = _stains(store, cfg, work, settings.stains)
-    t_stains = time.perf_counter() - t0
+    try:
+        stage("stains")
+        t0 = time.perf_counter()
+        stains = _stains(source.read_tile, table, cfg, work, settings.stains)
+        t_stains = time.perf_counter() - t0
 
-    stage("scoring")
-    t0 = time.perf_counter()
-    from pathology.batch._shards import score_store
+        stage("scoring")
+        t0 = time.perf_counter()
+        from pathology.batch._shards import score_image
 
-    scorer = load_model(
-        cfg, mpp, model=settings.model, stains=stains, halo_px=halo_for(mpp), device=settings.device
-    )
-    device = str(next(iter(scorer.buffers())).device)
-    scores = score_store(
-        store,
-        scorer,
-        work / "parts",
-        batch_size=settings.batch_size,
-        read_workers=settings.workers,
-        progress=on_tiles,
-    )
-    t_scoring = time.perf_counter() - t0
+        scorer = load_model(
+            cfg,
+            mpp,
+            model=settings.model,
+            stains=stains,
+            halo_px=halo_for(mpp),
+            device=settings.device,
+        )
+        device = str(next(iter(scorer.buffers())).device)
+        scores = score_image(
+            source.image,
+            table,
+            grid.tile_px,
+            source.shard_tiles,
+            scorer,
+            work / "parts",
+            batch_size=settings.batch_size,
+            read_workers=settings.workers,
+            progress=on_tiles,
+            is_bad=source.is_bad,
+        )
+        t_scoring = time.perf_counter() - t0
+    finally:
+        source.close()
 
     stage("writing outputs")
     t0 = time.perf_counter()
-    table = store.table()
     totals = dict(zip(scores.count_names, scores.counts.sum(0).tolist(), strict=True))
     tile_mm2 = (grid.tile_px * mpp / 1000.0) ** 2
     tissue_mm2 = float(table["tissue"].astype(np.float64).sum() * tile_mm2)
-    bad_shards = int((store.shard_progress == 2).sum())
+    bad_shards = source.bad_shards() if source.store is not None else scores.bad_shards
     qc = SlideQC(
         tissue_mm2=tissue_mm2,
         stains_in_range=stains.in_range,
@@ -379,7 +411,11 @@ def score_slide(
         "slide": str(job.path),
         "slide_id": job.slide_id,
     }
-    _write_store_counts(store, scores, provenance)
+    if source.store is not None:
+        _write_store_counts(source.store, scores, provenance)
+    elif (slide_dir / "tiles.zarr").exists():
+        # A store left by an earlier, interrupted run with a store: without counts it is stale.
+        shutil.rmtree(slide_dir / "tiles.zarr")
     _write_tiles(slide_dir / "tiles.parquet", table, scores, tile_mm2, provenance)
     cells = _cells_frame(scores.cells, grid.l0_per_out, mpp)
     cells.attrs["provenance"] = provenance  # pandas keeps attrs in the parquet metadata
@@ -397,7 +433,10 @@ def score_slide(
         )
     from pathology.batch._heatmap import write_heatmap
 
-    thumb, store_px_per_thumb = _thumbnail(store)
+    if source.store is not None:
+        thumb, store_px_per_thumb = _thumbnail(source.store)
+    else:
+        thumb, store_px_per_thumb = _slide_thumbnail(job.path, job.mpp, grid)
     pos = (
         scores.counts[:, list(scores.count_names).index("tumor_positive")]
         + scores.counts[:, list(scores.count_names).index("immune_positive")]
@@ -456,10 +495,101 @@ def score_slide(
             "outputs": round(t_outputs, 3),
         },
         "shards": {"scored": scores.shards_scored, "resumed": scores.shards_skipped},
+        "tile_store": source.store is not None,
     }
     write_text(slide_dir / "slide.json", json.dumps(record, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return SlideOutcome(job.slide_id, row, False, slide_dir)
+
+
+@dataclass
+class _TileSource:
+    """Where a slide's tile pixels come from while it is scored: its store, or the slide itself.
+
+    ``image`` is sliced like the store's (3, H, W) array; ``read_tile(row, col)`` gives (3, T, T).
+    """
+
+    grid: Any  # TileGrid
+    table: dict[str, NDArray[Any]]
+    image: Any
+    shard_tiles: int
+    read_tile: Callable[[int, int], NDArray[np.uint8]]
+    is_bad: Callable[[Any], bool]
+    store: Any = None  # TileStore, when there is one
+    close: Callable[[], None] = lambda: None
+
+    def bad_shards(self) -> int:
+        return int((self.store.shard_progress == 2).sum())
+
+
+def _store_source(
+    job: SlideJob,
+    slide_dir: Path,
+    settings: ScoreSettings,
+    overwrite: bool,
+    on_tiles: Callable[[int, int], None] | None,
+) -> _TileSource:
+    """Tile the slide into ``tiles.zarr`` (resuming it) and read the tiles from there."""
+    from pathology.tiling import TileGrid, TileStore, tile_slide
+
+    tiling = tile_slide(
+        job.path,
+        slide_dir / "tiles.zarr",
+        target_mpp=settings.target_mpp,
+        tile_px=settings.tile_px,
+        min_tissue=settings.min_tissue,
+        workers=settings.workers,
+        # One worker gains nothing from a process pool but pays its start-up (~1.5 s per slide).
+        scheduler="sync" if settings.workers == 1 else "processes",
+        slide_mpp=job.mpp,
+        overwrite=overwrite,
+        progress=on_tiles,
+    )
+    store = TileStore.open(tiling.store, mode="r+")
+    flags = store.shard_progress
+    return _TileSource(
+        grid=TileGrid.from_dict(store.meta["grid"]),
+        table=store.table(),
+        image=store.image,
+        shard_tiles=int(store.meta["shard_tiles"]),
+        read_tile=lambda r, c: store.read_tile(r, c, overlap_px=0),
+        is_bad=lambda shard: bool(flags[shard.shard_rc] == 2),
+        store=store,
+    )
+
+
+def _slide_source(
+    job: SlideJob,
+    slide_dir: Path,
+    settings: ScoreSettings,
+    overwrite: bool,
+    on_tiles: Callable[[int, int], None] | None,
+) -> _TileSource:
+    """Plan the tissue tiles as the tiler does and render them from the slide when read."""
+    from pathology.tiling._image import SlideImage
+    from pathology.tiling._read import ReaderSpec
+    from pathology.tiling._run import SHARD_TILES, _choose_reader, plan_tissue_tiles
+
+    plan = plan_tissue_tiles(
+        job.path,
+        target_mpp=settings.target_mpp,
+        tile_px=settings.tile_px,
+        min_tissue=settings.min_tissue,
+        slide_mpp=job.mpp,
+    )
+    direct, _ = _choose_reader(job.path, "auto", plan.grid)  # the tiler's choice: same pixels
+    image = SlideImage(
+        ReaderSpec(str(job.path.resolve()), job.mpp, direct), plan.grid, plan.tiles_rc
+    )
+    return _TileSource(
+        grid=plan.grid,
+        table=plan.table,
+        image=image,
+        shard_tiles=SHARD_TILES,
+        read_tile=image.read_tile,
+        is_bad=lambda shard: image.any_failed(shard.tiles_rc),
+        close=image.close,
+    )
 
 
 def _write_store_counts(store: Any, scores: Any, provenance: dict[str, Any]) -> None:

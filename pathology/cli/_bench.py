@@ -8,7 +8,7 @@ import sys
 import time
 
 #: Stages ``--stages`` may name (kept here so ``pathology --help`` does not import the bench).
-_OPTIONAL = ("model", "scoring", "end_to_end", "peer")
+_OPTIONAL = ("model", "scoring", "end_to_end", "end_to_end_no_store", "peer")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Measure, in one run on the same tissue tiles: the raw OpenSlide read+decode rate (the limit), "
             "the direct TIFF tile decode rate where possible, tiling into Zarr, the model alone on "
-            "in-memory tiles, scoring from the store, the whole product path (score_slide), and the "
+            "in-memory tiles, scoring from the store, the whole product path (score_slide) with its "
+            "tile store and without it (--no-store), and the "
             "classical CPU peer (skimage) on a sample of the tiles. Rates in tiles/s and megapixels/s "
             "with ratios to the decode rate and to the peer. Without SLIDE a synthetic p16 slide is made."
         ),
@@ -156,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         "slide_mb",
         "torch_threads",
         "end_to_end_split_s",
+        "end_to_end_no_store_split_s",
+        "end_to_end_no_store_same_counts",
         "peak_rss_mb",
         "peak_worker_rss_mb",
     )

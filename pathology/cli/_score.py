@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="score slides: per-slide calls (p16, PD-L1 CPS/TPS, Ki-67, ...) with heatmaps and cells",
         description=(
             "Tile, score and call each slide (files, folders of slides, or a manifest CSV), writing "
-            "DIR/slides.csv, DIR/report.html and per slide DIR/<slide_id>/ (tile store, tiles.parquet, "
-            "cells.parquet, cells.geojson for QuPath, heatmap.png). Rerunning the same command skips "
+            "DIR/slides.csv, DIR/report.html and per slide DIR/<slide_id>/ (tile store unless "
+            "--no-store, tiles.parquet, cells.parquet, cells.geojson for QuPath, heatmap.png). Rerunning the same command skips "
             "finished slides and resumes interrupted ones. A failed slide is reported in one line and "
             "never stops the others; the exit status is 1 when any slide failed."
         ),
@@ -86,6 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--no-geojson", action="store_true", help="do not write cells.geojson (large slides)"
+    )
+    p.add_argument(
+        "--no-store",
+        action="store_true",
+        help="score straight from the slide without writing the tile store (tiles.zarr): same "
+        "pixels and counts, per-tile counts in tiles.parquet only",
     )
     add_slide_mpp(p, mpp_alias=True)
     p.add_argument(
@@ -176,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         stains=args.stains,
         geojson=not args.no_geojson,
+        store=not args.no_store,
     )
     err = Console(stderr=True)
     tty = err.is_terminal

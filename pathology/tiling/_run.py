@@ -31,11 +31,13 @@ from pathology.tiling._store import (
     utc_now,
 )
 
-__all__ = ["TilingResult", "tile_slide"]
+__all__ = ["TilePlan", "TilingResult", "plan_tissue_tiles", "tile_slide"]
 
 
 SCHEDULERS = ("threads", "processes", "sync")
 READERS = ("auto", "openslide", "direct")
+#: Tiles per shard edge: the store's write unit and the scorer's read unit.
+SHARD_TILES = 8
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,75 @@ def _source_fingerprint(reader: Any) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """What tiling a slide will cover: the grid, its tissue tiles and the mask that chose them.
+
+    Attributes
+    ----------
+    grid : TileGrid
+    table : dict of str -> ndarray (n,)
+        The tile table (the store's ``tiles/``): ``row, col`` (int32), ``x, y`` (output px),
+        ``l0_x, l0_y, l0_w, l0_h`` (level-0 px), ``tissue`` (fraction, float32).
+    tissue : TissueMask
+    source : dict
+        Fingerprint of the slide file (name, bytes, vendor, level-0 size, quickhash).
+    """
+
+    grid: TileGrid
+    table: dict[str, NDArray[Any]]
+    tissue: Any  # pathology.tissue.TissueMask
+    source: dict[str, Any]
+
+    @property
+    def tiles_rc(self) -> NDArray[np.int64]:
+        """(n, 2) (row, col) of the tissue tiles, in table order."""
+        return np.stack([self.table["row"], self.table["col"]], 1).astype(np.int64)
+
+
+def plan_tissue_tiles(
+    slide: str | os.PathLike[str],
+    *,
+    target_mpp: float = 0.5,
+    tile_px: int = 256,
+    overlap_px: int = 0,
+    min_tissue: float = 0.25,
+    slide_mpp: float | None = None,
+) -> TilePlan:
+    """The grid at ``target_mpp`` and its tiles with at least ``min_tissue`` tissue (no pixels read
+    beyond the tissue mask's thumbnail). :func:`tile_slide` writes exactly these tiles."""
+    from pathology.tissue import compute_tissue_mask
+
+    with open_slide(Path(slide), mpp=slide_mpp) as base:
+        grid = plan_grid(
+            base.dimensions,
+            base.level_downsamples,
+            base.mpp,
+            target_mpp=target_mpp,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+        )
+        source = _source_fingerprint(base)
+        tissue = compute_tissue_mask(base)
+    all_rc = grid.tile_rc()
+    boxes = grid.l0_box(all_rc)
+    fractions = tissue.box_fractions(boxes[:, :2], boxes[:, 2:])
+    keep = fractions >= min_tissue
+    rc = all_rc[keep]
+    table = {
+        "row": rc[:, 0].astype(np.int32),
+        "col": rc[:, 1].astype(np.int32),
+        "x": (rc[:, 1] * tile_px).astype(np.int64),
+        "y": (rc[:, 0] * tile_px).astype(np.int64),
+        "l0_x": boxes[keep, 0],
+        "l0_y": boxes[keep, 1],
+        "l0_w": boxes[keep, 2],
+        "l0_h": boxes[keep, 3],
+        "tissue": fractions[keep].astype(np.float32),
+    }
+    return TilePlan(grid, table, tissue, source)
+
+
 def tile_slide(
     slide: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -164,7 +235,7 @@ def tile_slide(
     scheduler: str = "processes",
     reader: str = "auto",
     slide_mpp: float | None = None,
-    shard_tiles: int = 8,
+    shard_tiles: int = SHARD_TILES,
     codec: str = "lz4",
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -208,8 +279,6 @@ def tile_slide(
     import dask
     from dask.callbacks import Callback
 
-    from pathology.tissue import compute_tissue_mask
-
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
     if reader not in READERS:
@@ -222,33 +291,16 @@ def tile_slide(
         raise ConfigError(f"shard_tiles must be between 1 and 64, got {shard_tiles}")
     slide_path, out_path = Path(slide), Path(out)
 
-    with open_slide(slide_path, mpp=slide_mpp) as base:
-        grid = plan_grid(
-            base.dimensions,
-            base.level_downsamples,
-            base.mpp,
-            target_mpp=target_mpp,
-            tile_px=tile_px,
-            overlap_px=overlap_px,
-        )
-        source = _source_fingerprint(base)
-        tissue = compute_tissue_mask(base)
-    all_rc = grid.tile_rc()
-    boxes = grid.l0_box(all_rc)
-    fractions = tissue.box_fractions(boxes[:, :2], boxes[:, 2:])
-    keep = fractions >= min_tissue
-    rc = all_rc[keep]
-    table = {
-        "row": rc[:, 0].astype(np.int32),
-        "col": rc[:, 1].astype(np.int32),
-        "x": (rc[:, 1] * tile_px).astype(np.int64),
-        "y": (rc[:, 0] * tile_px).astype(np.int64),
-        "l0_x": boxes[keep, 0],
-        "l0_y": boxes[keep, 1],
-        "l0_w": boxes[keep, 2],
-        "l0_h": boxes[keep, 3],
-        "tissue": fractions[keep].astype(np.float32),
-    }
+    plan = plan_tissue_tiles(
+        slide_path,
+        target_mpp=target_mpp,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        min_tissue=min_tissue,
+        slide_mpp=slide_mpp,
+    )
+    grid, table, tissue, source = plan.grid, plan.table, plan.tissue, plan.source
+    rc = plan.tiles_rc
     params = {
         "target_mpp": target_mpp,
         "tile_px": tile_px,

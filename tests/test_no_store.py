@@ -1,0 +1,261 @@
+"""``pathology score --no-store``: tiles rendered straight from the slide, the store's pixels exactly.
+
+Contract: :class:`~pathology.tiling._image.SlideImage` holds the pixels ``tile_slide`` writes to the
+store (every grid kind: exact block means, Lanczos resampling, a coarser pyramid level), so scoring
+without the store gives the same rows, per-tile counts and cells; no image is written; interrupted
+runs resume from their part files, with or without the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pathology.cli import main
+
+#: Columns that hold wall time, not results.
+TIMING = {"seconds"}
+
+
+def _synth(path: Path, preset: str, seed: int, size: tuple[int, int], mpp: float) -> Path:
+    from pathology.synth import SynthParams, synthesize_slide
+
+    w, h = size
+    params = SynthParams.preset(preset, width=w, height=h, mpp=mpp, seed=seed)
+    return synthesize_slide(params, path, overwrite=True).svs_path
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 0.25 um/px p16 slide with two pyramid levels read: 3072 px, 6 x 6 tiles at 0.5 um/px."""
+    return _synth(
+        tmp_path_factory.mktemp("slide") / "s.svs", "p16_equivocal", 7, (3072, 3072), 0.25
+    )
+
+
+@pytest.mark.parametrize(
+    ("target_mpp", "reader"),
+    [
+        pytest.param(0.5, "auto", id="block-mean-level0"),
+        pytest.param(0.7, "auto", id="lanczos"),
+        pytest.param(1.0, "auto", id="block-mean-level1"),
+        pytest.param(0.5, "openslide", id="block-mean-openslide"),
+    ],
+)
+def test_slide_image_is_the_store_image(
+    slide: Path, tmp_path: Path, target_mpp: float, reader: str
+) -> None:
+    from pathology.tiling import TileStore, tile_slide
+    from pathology.tiling._image import SlideImage
+    from pathology.tiling._read import ReaderSpec
+    from pathology.tiling._run import _choose_reader, plan_tissue_tiles
+
+    result = tile_slide(
+        slide,
+        tmp_path / "t.zarr",
+        target_mpp=target_mpp,
+        tile_px=128,
+        scheduler="sync",
+        reader=reader,
+    )
+    store = TileStore.open(result.store)
+    plan = plan_tissue_tiles(slide, target_mpp=target_mpp, tile_px=128)
+    assert plan.grid == result.grid
+    assert {k: v.tolist() for k, v in plan.table.items()} == {
+        k: v.tolist() for k, v in store.table().items()
+    }
+    grid = plan.grid
+    direct, _ = _choose_reader(slide, reader, grid)
+    assert direct is (reader == "auto")
+    expected_snap = {0.5: (True, 0), 0.7: (False, 0), 1.0: (True, 1)}[target_mpp]
+    assert (grid.snapped, grid.level) == expected_snap
+    with SlideImage(ReaderSpec(str(slide), None, direct), grid, plan.tiles_rc) as image:
+        assert image.shape == store.image.shape
+        whole = store.image[...]
+        assert (whole < 255).any() and (whole == 255).any()  # tissue and glass
+        np.testing.assert_array_equal(image[:, :, :], whole)
+        # Boxes cutting through tiles (as a shard's halo does), edges included.
+        _, h, w = image.shape
+        rng = np.random.default_rng(0)
+        for _ in range(12):
+            y0, x0 = int(rng.integers(0, h - 1)), int(rng.integers(0, w - 1))
+            y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+            np.testing.assert_array_equal(image[:, y0:y1, x0:x1], whole[:, y0:y1, x0:x1])
+        r, c = (int(v) for v in plan.tiles_rc[len(plan.tiles_rc) // 2])
+        np.testing.assert_array_equal(
+            image.read_tile(r, c, overlap_px=20), store.read_tile(r, c, overlap_px=20)
+        )
+        assert image.failed_tiles == []
+
+
+def test_unreadable_tile_is_white_and_flagged(slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathology.errors import TileReadError
+    from pathology.tiling._image import SlideImage
+    from pathology.tiling._read import ReaderSpec
+    from pathology.tiling._run import plan_tissue_tiles
+
+    plan = plan_tissue_tiles(slide, tile_px=128)
+    bad_rc = tuple(int(v) for v in plan.tiles_rc[0])
+    t = plan.grid.tile_px
+    real = __import__("pathology.tiling._image", fromlist=["render_tile"]).render_tile
+
+    def render(reader: Any, grid: Any, box: tuple[int, int, int, int]) -> Any:
+        if (box[1] // t, box[0] // t) == bad_rc:
+            raise TileReadError(slide, "damaged JPEG")
+        return real(reader, grid, box)
+
+    monkeypatch.setattr("pathology.tiling._image.render_tile", render)
+    with SlideImage(ReaderSpec(str(slide)), plan.grid, plan.tiles_rc) as image:
+        r, c = bad_rc
+        assert (image.read_tile(r, c) == 255).all()
+        assert image.any_failed(plan.tiles_rc[:1]) and not image.any_failed(plan.tiles_rc[1:])
+        assert image.failed_tiles == [f"tile row {r}, col {c}: {slide}: damaged JPEG"]
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def _score(slide: Path, out: Path, *more: str) -> int:
+    argv = ["score", str(slide), "--marker", "p16", "--out", str(out), "--workers", "1"]
+    return main([*argv, "--no-geojson", *more])
+
+
+def _results(out: Path, sid: str) -> tuple[dict[str, str], pd.DataFrame, pd.DataFrame]:
+    row = {k: v for k, v in _rows(out / "slides.csv")[sid].items() if k not in TIMING}
+    tiles = pd.read_parquet(out / sid / "tiles.parquet")
+    cells = pd.read_parquet(out / sid / "cells.parquet")
+    return row, tiles, cells
+
+
+@pytest.fixture(scope="module")
+def scored(slide: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The slide scored with its store and with ``--no-store``."""
+    root = tmp_path_factory.mktemp("scored")
+    assert _score(slide, root / "store") == 0
+    assert _score(slide, root / "nostore", "--no-store") == 0
+    return {"store": root / "store", "nostore": root / "nostore"}
+
+
+def test_no_store_gives_the_same_results(scored: dict[str, Path]) -> None:
+    row_a, tiles_a, cells_a = _results(scored["store"], "s")
+    row_b, tiles_b, cells_b = _results(scored["nostore"], "s")
+    assert row_a == row_b
+    assert int(row_a["tumor_cells"]) > 100 and int(row_a["tissue_tiles"]) > 10
+    pd.testing.assert_frame_equal(tiles_a, tiles_b)
+    pd.testing.assert_frame_equal(cells_a, cells_b)
+    # The store's per-tile counts are the ones tiles.parquet carries.
+    from pathology.tiling import TileStore
+
+    store = TileStore.open(scored["store"] / "s" / "tiles.zarr")
+    counts = store.group["scores/p16/counts"]
+    names = list(store.group["scores/p16"].attrs["count_names"])
+    np.testing.assert_array_equal(np.asarray(counts[...]), tiles_b[names].to_numpy())
+
+
+def test_no_store_writes_no_image(scored: dict[str, Path]) -> None:
+    sdir = scored["nostore"] / "s"
+    assert sorted(p.name for p in sdir.iterdir()) == [
+        "cells.parquet",
+        "heatmap.png",
+        "slide.json",
+        "tiles.parquet",
+    ]
+    record = json.loads((sdir / "slide.json").read_text())
+    assert record["tile_store"] is False and record["shards"] == {"scored": 1, "resumed": 0}
+    assert json.loads((scored["store"] / "s" / "slide.json").read_text())["tile_store"] is True
+    from PIL import Image
+
+    with Image.open(sdir / "heatmap.png") as im:  # drawn over a thumbnail read from the slide
+        assert min(im.size) >= 500
+
+
+def test_store_choice_does_not_force_a_rescore(slide: Path, scored: dict[str, Path]) -> None:
+    """Same pixels, same results: a finished slide is reused whichever way it was made."""
+    for out, more in ((scored["store"], ["--no-store"]), (scored["nostore"], [])):
+        stamp = (out / "s" / "slide.json").stat().st_mtime_ns
+        assert _score(slide, out, *more) == 0
+        assert (out / "s" / "slide.json").stat().st_mtime_ns == stamp
+    assert (scored["store"] / "s" / "tiles.zarr").exists()
+    assert not (scored["nostore"] / "s" / "tiles.zarr").exists()
+
+
+class _Stop(Exception):
+    """Raised by the patched part writer to cut a run short after some shards."""
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param(["--no-store"], ["--no-store"], id="no-store-then-no-store"),
+        pytest.param(["--no-store"], [], id="no-store-then-store"),
+        pytest.param([], ["--no-store"], id="store-then-no-store"),
+    ],
+)
+def test_resume_after_an_interrupted_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    big_slide: Path,
+    big_clean: tuple[dict[str, str], pd.DataFrame, pd.DataFrame],
+    first: list[str],
+    second: list[str],
+) -> None:
+    from pathology.batch import _shards
+
+    real = _shards._save_part
+    saved: list[str] = []
+
+    def save_then_stop(path: Path, *args: Any) -> None:
+        real(path, *args)
+        saved.append(path.name)
+        if len(saved) == 2:
+            raise _Stop  # the run dies after its second shard
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(_shards, "_save_part", save_then_stop)
+    with pytest.raises(_Stop):
+        from pathology.batch import ScoreSettings, SlideJob, score_slide
+
+        job = SlideJob(slide_id="big", path=big_slide, marker="p16")
+        score_slide(job, out, ScoreSettings(workers=1, geojson=False, store=not first))
+    parts = out / "big" / "work" / "parts"
+    assert sorted(p.name for p in parts.glob("shard-*.npz")) == sorted(saved)
+    assert (out / "big" / "tiles.zarr").exists() is not bool(first)
+    monkeypatch.setattr(_shards, "_save_part", real)
+
+    assert _score(big_slide, out, *second) == 0
+    record = json.loads((out / "big" / "slide.json").read_text())
+    assert record["shards"]["resumed"] == 2 and record["shards"]["scored"] >= 1
+    assert record["tile_store"] is not bool(second)
+    assert (out / "big" / "tiles.zarr").exists() is not bool(second)
+    assert not (out / "big" / "work").exists()
+    row, tiles, cells = _results(out, "big")
+    clean_row, clean_tiles, clean_cells = big_clean
+    assert row == clean_row
+    pd.testing.assert_frame_equal(tiles, clean_tiles)
+    pd.testing.assert_frame_equal(cells, clean_cells)
+
+
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Several shards: 4096 x 2560 px at 0.5 um/px is 16 x 10 tiles, 2 x 2 shards of 8 x 8."""
+    return _synth(tmp_path_factory.mktemp("big") / "big.svs", "p16_positive", 3, (4096, 2560), 0.5)
+
+
+@pytest.fixture(scope="module")
+def big_clean(
+    big_slide: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, str], pd.DataFrame, pd.DataFrame]:
+    """An uninterrupted run (with the store) of ``big_slide``."""
+    out = tmp_path_factory.mktemp("clean")
+    assert _score(big_slide, out) == 0
+    record = json.loads((out / "big" / "slide.json").read_text())
+    assert record["shards"]["scored"] >= 3  # enough shards to cut a run short after two
+    return _results(out, "big")
