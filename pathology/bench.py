@@ -14,7 +14,9 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
 - ``direct_decode``: the same boxes through the direct TIFF tile path, when the slide allows it.
 - ``model``: the scoring model alone (:func:`pathology.scoring.run_model`, batches of
   ``batch_size``) on tiles already in memory, (N, 3, T + 2 halo, T + 2 halo) uint8 cut from the
-  store: the model's cost without any loading. Repeated until it has run ``MODEL_MIN_S`` seconds.
+  store: the model's cost without any loading. Repeated until it has run ``MODEL_MIN_S`` seconds,
+  then one more pass with per-step timing: ``model_steps_pct`` says where the model's time goes
+  (deconvolve, detect, rays, typing, compartments, counts).
 - ``scoring``: :func:`pathology.batch._shards.score_store` over every tissue tile of the store,
   into a fresh parts folder: the model plus reading the tiles from Zarr, as the product scores.
 - ``end_to_end``: :func:`pathology.batch.score_slide` on the same slide into a fresh folder:
@@ -173,8 +175,11 @@ def _tiles_in_memory(store: Any, halo_px: int, limit: int) -> tuple[NDArray[np.u
     return out, tile_px
 
 
-def _time_model(scorer: Any, tiles: NDArray[np.uint8], batch_size: int) -> tuple[int, float]:
-    """(tiles scored, seconds) of repeated :func:`run_model` passes over in-memory tiles."""
+def _time_model(
+    scorer: Any, tiles: NDArray[np.uint8], batch_size: int
+) -> tuple[int, float, dict[str, float]]:
+    """(tiles scored, seconds) of repeated :func:`run_model` passes over in-memory tiles, and the
+    seconds per model step of one more pass (:meth:`CellScorer.step_times`)."""
     import torch
 
     from pathology.scoring._api import run_model
@@ -192,7 +197,9 @@ def _time_model(scorer: Any, tiles: NDArray[np.uint8], batch_size: int) -> tuple
         _sync(device)
         seconds += time.perf_counter() - t0
         done += len(tiles)
-    return done, seconds
+    with scorer.step_times() as steps:
+        run_model(scorer, batch, batch_size)
+    return done, seconds, dict(steps)
 
 
 def _peer_warm() -> None:
@@ -435,7 +442,9 @@ def _score_stages(
     bench.notes["halo_px"] = halo_px
     if "model" in stages:
         say(f"model alone ({len(tiles)} tiles in memory, batch {batch_size})")
-        done, seconds = _time_model(scorer, tiles, batch_size)
+        done, seconds, steps = _time_model(scorer, tiles, batch_size)
+        total = sum(steps.values()) or 1.0
+        bench.notes["model_steps_pct"] = {k: round(100 * v / total, 1) for k, v in steps.items()}
         bench.seconds["model"] = seconds
         bench.rates["model"] = done / seconds
         bench.notes["model_tiles"] = len(tiles)

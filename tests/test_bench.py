@@ -126,6 +126,12 @@ def test_bench_measures_every_stage_on_the_same_tiles(
     assert data["peer_cells"] > 0 and data["scoring_cells"] > 0
     assert set(data["end_to_end_split_s"]) >= {"tiling", "stains", "scoring", "outputs"}
     assert "vs the classical peer" in stdout
+    # Where the model's time goes: every step timed, shares of one pass summing to 100 %.
+    steps = data["model_steps_pct"]
+    assert set(steps) == {"deconvolve", "detect", "rays", "typing", "compartments", "counts"}
+    assert all(v >= 0 for v in steps.values())
+    assert sum(steps.values()) == pytest.approx(100, abs=0.5)
+    assert "model time by step: deconvolve" in stdout
 
 
 def test_bench_stages_pick_what_runs(tmp_path: Path) -> None:

@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
             f"vs the classical peer ({data['peer_tiles']} tiles, {procs}, "
             f"{result.rates['peer']:.1f} tiles/s): {vs}"
         )
+    if "model_steps_pct" in data:
+        steps = ", ".join(f"{k} {v:.0f}%" for k, v in data["model_steps_pct"].items())
+        out.print(f"model time by step: {steps}")
     keys = (
         "scheduler",
         "tiling_reader",

@@ -17,7 +17,10 @@ are returned in core pixels of the input (x right, y down).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,9 +150,45 @@ class CellScorer(nn.Module):
         self.register_buffer("tb", torch.from_numpy(cell_types.bias))
         self.register_buffer("tmean", torch.from_numpy(cell_types.mean))
         self.register_buffer("tscale", torch.from_numpy(cell_types.scale))
+        #: Seconds per step of the forward pass, accumulated while this is a dict (see
+        #: :meth:`step_times`); None (the default) records nothing.
+        self.timings: dict[str, float] | None = None
         rules = marker.cells
         mem_rules = [r for r in rules.values() if "membrane" in r.compartments]
         self.membrane_cut = mem_rules[0].cut if mem_rules else 0.2
+
+    # -- step timing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _step(self, name: str, ref: torch.Tensor) -> Iterator[None]:
+        """Add the wall time of the block to ``self.timings[name]`` when timing is on, waiting
+        for the device before and after (so GPU work is charged to the step that queued it)."""
+        if self.timings is None:
+            yield
+            return
+        _sync(ref.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(ref.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def step_times(self) -> Iterator[dict[str, float]]:
+        """Time each step of the forward passes run inside the block::
+
+            with scorer.step_times() as t:
+                scorer(tiles)
+            # t: {"deconvolve": s, "detect": s, "rays": s, "typing": s, "compartments": s, ...}
+
+        Steps: ``deconvolve`` (OD maps), ``detect`` (LoG and peaks), ``rays`` (ray sampling and
+        nucleus features), ``typing`` (cell-type regression and the kept cells' neighbours),
+        ``compartments`` (cell edges, cytoplasm and membrane), ``counts`` (the marker rule and the
+        per-tile counts). Device synchronisation per step makes timed passes slightly slower.
+        """
+        self.timings = {}
+        try:
+            yield self.timings
+        finally:
+            self.timings = None
 
     # -- stages ------------------------------------------------------------------------------
     def stain_maps(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -168,8 +207,10 @@ class CellScorer(nn.Module):
             det = det + maps[:, 1:2].clamp_min(0)
         if self.det_factor > 1:
             det = F.avg_pool2d(det, self.det_factor)
-        peaks = detect_nuclei(det, self.det_mpp)
-        rays = sample_rays(maps, self.meas_mpp, peaks.tile, peaks.yx_um, peaks.radius_um)
+        with self._step("detect", maps):
+            peaks = detect_nuclei(det, self.det_mpp)
+        with self._step("rays", maps):
+            rays = sample_rays(maps, self.meas_mpp, peaks.tile, peaks.yx_um, peaks.radius_um)
         return rays, peaks.response, peaks.radius_um
 
     def classify(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,20 +236,24 @@ class CellScorer(nn.Module):
                 f"tiles must be (N, 3, H, W) uint8, got {tuple(tiles.shape)} {tiles.dtype}"
             )
         n, _, hh, ww = tiles.shape
-        maps = self.stain_maps(tiles)
+        with self._step("deconvolve", tiles):
+            maps = self.stain_maps(tiles)
         rays, response, radius = self.detect(maps)
-        feats = cell_features(rays, response, radius)
-        cls, prob = self.classify(feats)
-        keep = (cls != NONE).nonzero(as_tuple=True)[0]
-        rays = _subset(rays, keep, n)
-        cls, prob = cls[keep], prob[keep]
-        body = torch.full_like(rays.area_um2, TUMOR_BODY_UM)
-        mean_r = rays.edge_um.mean(1)
-        body = torch.where(cls == LYMPHOCYTE, mean_r + THIN_RIM_UM, body)
-        body = torch.where(cls == MACROPHAGE, torch.full_like(body, MACROPHAGE_BODY_UM), body)
-        body = torch.where(cls == FIBROBLAST, mean_r + THIN_RIM_UM, body)
-        comp = measure_compartments(rays, body, self.membrane_cut, maps, self.meas_mpp)
-        return self._score(n, hh, ww, rays, cls, prob, comp)
+        with self._step("typing", tiles):
+            feats = cell_features(rays, response, radius)
+            cls, prob = self.classify(feats)
+            keep = (cls != NONE).nonzero(as_tuple=True)[0]
+            rays = _subset(rays, keep, n)
+            cls, prob = cls[keep], prob[keep]
+        with self._step("compartments", tiles):
+            body = torch.full_like(rays.area_um2, TUMOR_BODY_UM)
+            mean_r = rays.edge_um.mean(1)
+            body = torch.where(cls == LYMPHOCYTE, mean_r + THIN_RIM_UM, body)
+            body = torch.where(cls == MACROPHAGE, torch.full_like(body, MACROPHAGE_BODY_UM), body)
+            body = torch.where(cls == FIBROBLAST, mean_r + THIN_RIM_UM, body)
+            comp = measure_compartments(rays, body, self.membrane_cut, maps, self.meas_mpp)
+        with self._step("counts", tiles):
+            return self._score(n, hh, ww, rays, cls, prob, comp)
 
     def _rule(
         self, group: str, comp: Compartments, sel: torch.Tensor
@@ -301,6 +346,11 @@ class CellScorer(nn.Module):
             "nucleus_area_um2": rays.area_um2[idx],
         }
         return ScoredBatch(counts=counts, cells=cells)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _subset(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
