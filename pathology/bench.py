@@ -29,6 +29,10 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
   ``rgb2hed`` + Otsu + watershed + ``regionprops``) on up to ``peer_tiles`` evenly spaced tiles of
   the same set, in ``workers`` processes (started and warmed before the clock starts).
 
+``<stage>_model_busy_pct`` (``scoring``, ``end_to_end``, ``end_to_end_no_store``) is the share of
+the stage's wall time spent inside the model: on a GPU, how busy the product keeps the device (the
+complaint about peer tools is GPUs idling at 10-20 % while the CPU decodes).
+
 The JSON adds ``<stage>_vs_decode`` for every stage and ``<stage>_vs_peer`` for ``model``,
 ``scoring``, ``end_to_end`` and ``end_to_end_no_store``.
 """
@@ -460,6 +464,7 @@ def _score_stages(
         seconds = time.perf_counter() - t0
         bench.seconds["scoring"] = seconds
         bench.rates["scoring"] = bench.tiles / seconds
+        bench.notes["scoring_model_busy_pct"] = round(100 * scores.model_s / seconds, 1)
         names = list(scores.count_names)
         kinds = [names.index(k) for k in ("tumor_cells", "immune_cells", "other_cells")]
         bench.notes["scoring_cells"] = int(scores.counts[:, kinds].sum())
@@ -511,7 +516,10 @@ def _end_to_end(
     bench.rates[name] = tiles / seconds
     bench.notes[f"{name}_tiles"] = tiles
     record = json.loads((outcome.slide_dir / "slide.json").read_text())
-    bench.notes[f"{name}_split_s"] = record.get("timings_s", {})
+    split = record.get("timings_s", {})
+    bench.notes[f"{name}_split_s"] = split
+    # Share of the whole run the model was busy (on a GPU: the device's share, copies included).
+    bench.notes[f"{name}_model_busy_pct"] = round(100 * split.get("scoring_model", 0) / seconds, 1)
     return dict(record["totals"])
 
 

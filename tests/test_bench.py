@@ -132,6 +132,11 @@ def test_bench_measures_every_stage_on_the_same_tiles(
     assert all(v >= 0 for v in steps.values())
     assert sum(steps.values()) == pytest.approx(100, abs=0.5)
     assert "model time by step: deconvolve" in stdout
+    # How busy the product path keeps the model: a share of each stage's wall time.
+    for stage in ("scoring", "end_to_end", "end_to_end_no_store"):
+        assert 0 < data[f"{stage}_model_busy_pct"] <= 100, stage
+    assert data["end_to_end_split_s"]["scoring_model"] <= data["end_to_end_split_s"]["scoring"]
+    assert "model busy (share of each stage's wall time): scoring" in stdout
 
 
 def test_bench_stages_pick_what_runs(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ pixel coordinates (pixel ``i``'s centre is ``i``).
 from __future__ import annotations
 
 import io
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,6 +82,10 @@ class StoreScores:
         Shards scored by this call / found done from an earlier run.
     bad_shards : int
         Shards with tiles that could not be read (left white), as recorded in the part files.
+    model_s, read_wait_s : float
+        Seconds of this call spent in the model (:func:`run_model`, including the copies to and
+        from the device) and waiting for the read-ahead threads: a model busy only a small part
+        of the time is starved by reading and decoding.
     """
 
     counts: NDArray[np.int64]
@@ -89,6 +94,8 @@ class StoreScores:
     shards_scored: int
     shards_skipped: int
     bad_shards: int = 0
+    model_s: float = 0.0
+    read_wait_s: float = 0.0
 
 
 def plan_shards(table: dict[str, NDArray[Any]], shard_tiles: int) -> list[Shard]:
@@ -246,10 +253,15 @@ def score_image(
         tiles = read_shard_tiles(image, shard.tiles_rc, tile_px, halo)
         return tiles, bool(is_bad(shard)) if is_bad is not None else False
 
+    model_s = wait_s = 0.0
     if pending:
         with ThreadPoolExecutor(max_workers=max(1, read_workers)) as pool:
+            mark = time.perf_counter()
             for shard, (tiles, bad) in _prefetch(pool, read, pending, depth=max(2, read_workers)):
+                t0 = time.perf_counter()
+                wait_s += t0 - mark
                 res = run_model(scorer, tiles, batch_size)
+                model_s += time.perf_counter() - t0
                 cells = dict(res.cells)
                 if cells:
                     local = cells["tile"]
@@ -260,6 +272,7 @@ def score_image(
                 done += len(shard.index)
                 if progress is not None:
                     progress(done, n)
+                mark = time.perf_counter()
     counts, cells, bad_shards = load_parts(parts_dir, shards, n, len(COUNT_NAMES))
     return StoreScores(
         counts=counts,
@@ -268,6 +281,8 @@ def score_image(
         shards_scored=len(pending),
         shards_skipped=len(shards) - len(pending),
         bad_shards=bad_shards,
+        model_s=model_s,
+        read_wait_s=wait_s,
     )
 
 

@@ -493,6 +493,9 @@ def score_slide(
             "stains": round(t_stains, 3),
             "scoring": round(t_scoring, 3),
             "outputs": round(t_outputs, 3),
+            # Within scoring: in the model, and waiting for tiles (read ahead in threads).
+            "scoring_model": round(scores.model_s, 3),
+            "scoring_read_wait": round(scores.read_wait_s, 3),
         },
         "shards": {"scored": scores.shards_scored, "resumed": scores.shards_skipped},
         "tile_store": source.store is not None,

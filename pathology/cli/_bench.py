@@ -150,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
     if "model_steps_pct" in data:
         steps = ", ".join(f"{k} {v:.0f}%" for k, v in data["model_steps_pct"].items())
         out.print(f"model time by step: {steps}")
+    busy = [
+        f"{k[: -len('_model_busy_pct')]} {v:.0f}%"
+        for k, v in data.items()
+        if k.endswith("_model_busy_pct")
+    ]
+    if busy:
+        out.print(f"model busy (share of each stage's wall time): {', '.join(busy)}")
     keys = (
         "scheduler",
         "tiling_reader",
