@@ -343,13 +343,20 @@ def _deepliif_cases() -> list[tuple[str, np.ndarray, object]]:
 @pytest.mark.realdata
 @pytest.mark.xfail(
     strict=True,
-    reason="physics-v1's synthetic-fitted cell typing still drops many real nuclei as `none` after "
-    "the per-image haematoxylin normalisation, mostly pale negative ones, so the count is low and "
-    "positive % high (cells / GT, positive % / GT at 0.25 um/px: Lung1 27/61, 44.4/18.0; 22_2 "
-    "66/137, 16.7/7.3; 34_3 104/100, 43.3/21.0; 6_2 34/46, 85.3/47.8): the issue's DeepLIIF targets "
-    "(count within 20 %, positive % within 5 points) are not met yet",
+    reason="with the cell-type model refitted on size-varied synthetic cells, fewer real nuclei are "
+    "typed `none` but the targets are still missed (cells / GT, positive % / GT at 0.25 um/px: Lung1 "
+    "41/61, 29.3/18.0; 22_2 110/137, 10.0/7.3; 34_3 130/100, 36.9/21.0; 6_2 77/46, 44.2/47.8): pale "
+    "Lung1 nuclei still go to `none`, pale-brown smudges count as positive nuclei on 34_3, and 6_2's "
+    "unannotated stromal nuclei are counted",
 )
 def test_deepliif_ki67_targets() -> None:
+    # What the masks count: Lung1's mask (DeepLIIF's own co-registered mpIF truth) outlines every
+    # nucleus; the BCData tiles (22_2, 34_3, 6_2) were annotated for the Ki-67 index, and on 6_2
+    # the spindle stromal nuclei between the tumour cells carry no label (22_2 and 34_3 are nearly
+    # all tumour). The test counts every cell the scorer keeps (all types but `none`), not
+    # `tumor_cells`: on real tiles the tumour / macrophage split is not reliable yet (22_2: 52
+    # tumour, 49 macrophage, all tumour by eye), so restricting to tumour cells would measure the
+    # typing, not the detection and positivity the targets are about. On 6_2 that counts stroma.
     for _, img, gt in _deepliif_cases():
         res = score_image(img, "ki67", mpp=0.25, device="cpu")
         n = len(res.cells["x"])
