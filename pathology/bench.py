@@ -12,6 +12,14 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
 - ``decode``: the limit. A plain ``read_region`` of every tissue tile's source box at the grid's
   level (OpenSlide, ``workers`` threads): no resampling, no writing.
 - ``direct_decode``: the same boxes through the direct TIFF tile path, when the slide allows it.
+- ``jpeg_batch_decode``: the native JPEG tiles of the grid's level (level 0 on the synthetic slide)
+  that cover the tissue tiles, each read once as a standalone stream
+  (:meth:`~pathology.tiling._direct.DirectTiffSource.read_jpeg`) and decoded in batches of
+  ``JPEG_BATCH_TILES`` by :func:`pathology.tiling._jpeg.decode_jpeg_batch` on ``device``: nvJPEG
+  on CUDA, libjpeg-turbo in ``workers`` threads on CPU. Reading the bytes is inside the timing.
+  The rate counts tissue tiles, like ``decode`` (``jpeg_batch_native_tiles_per_s`` counts native
+  tiles); skipped, with the reason in ``jpeg_batch_decoder``, when that level is not JPEG or the
+  direct path refuses the slide.
 - ``model``: the scoring model alone (:func:`pathology.scoring.run_model`, batches of
   ``batch_size``) on tiles already in memory, (N, 3, T + 2 halo, T + 2 halo) uint8 cut from the
   store: the model's cost without any loading. Repeated until it has run ``MODEL_MIN_S`` seconds,
@@ -60,7 +68,14 @@ if TYPE_CHECKING:
 __all__ = ["OPTIONAL_STAGES", "BenchResult", "run_bench"]
 
 #: Stages that can be left out (tiling and decode always run: every other stage needs them).
-OPTIONAL_STAGES = ("model", "scoring", "end_to_end", "end_to_end_no_store", "peer")
+OPTIONAL_STAGES = (
+    "jpeg_batch_decode",
+    "model",
+    "scoring",
+    "end_to_end",
+    "end_to_end_no_store",
+    "peer",
+)
 #: Stages that run :func:`pathology.batch.score_slide` (the product path), with its store or not.
 END_TO_END = {"end_to_end": True, "end_to_end_no_store": False}
 #: Stages compared with the classical peer.
@@ -68,6 +83,9 @@ PEER_COMPARED = ("model", "scoring", "end_to_end", "end_to_end_no_store")
 #: The ``model`` stage repeats its pass over the in-memory tiles until it has run this long
 #: (one pass of a few thousand tiles is over in ~0.1 s on a GPU: too short to time).
 MODEL_MIN_S = 2.0
+#: Streams per :func:`~pathology.tiling._jpeg.decode_jpeg_batch` call in ``jpeg_batch_decode``
+#: (256 tiles of 256 px are 50 MB decoded).
+JPEG_BATCH_TILES = 256
 
 
 @dataclass
@@ -375,6 +393,11 @@ def run_bench(
         t_direct = decode_all(ReaderSpec(str(slide_path), None, True))
         bench.seconds["direct_decode"] = t_direct
         bench.rates["direct_decode"] = n / t_direct
+    jpeg_notes = (
+        _jpeg_batch_stage(bench, slide_path, grid, boxes, dev, say)
+        if n and "jpeg_batch_decode" in stages
+        else {}
+    )
     import torch
 
     bench.notes = {
@@ -388,8 +411,9 @@ def run_bench(
         "marker": marker,
         "batch_size": batch_size,
         "torch_threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        **jpeg_notes,
     }
-    if n and set(stages) - set(END_TO_END):
+    if n and set(stages) - set(END_TO_END) - {"jpeg_batch_decode"}:
         _score_stages(
             bench,
             tile_store,
@@ -417,6 +441,70 @@ def run_bench(
     for done in (store, parts_dir, *e2e_dirs.values()):
         shutil.rmtree(done, ignore_errors=True)
     return bench
+
+
+def _jpeg_batch_stage(
+    bench: BenchResult,
+    slide_path: Path,
+    grid: Any,
+    boxes: list[Any],
+    dev: torch.device,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The ``jpeg_batch_decode`` stage; returns its notes (``jpeg_batch_decoder`` says how, or why not)."""
+    from pathology.tiling._direct import open_direct, why_not
+    from pathology.tiling._jpeg import decode_jpeg_batch
+
+    source = open_direct(slide_path)
+    if source is None:
+        return {"jpeg_batch_decoder": f"skipped: no direct tile path ({why_not(slide_path)})"}
+    with source:
+        level = int(grid.level)
+        lv = source.levels[level]
+        if lv.compression != "jpeg":
+            return {"jpeg_batch_decoder": f"skipped: level {level} tiles are {lv.compression}"}
+        # Native tiles under the tissue tiles' level boxes, each once (neighbouring boxes share).
+        ds = source.level_downsamples[level]
+        (tw, th), (cols, rows) = lv.tile_px, lv.tiles_cr
+        wanted: set[tuple[int, int]] = set()
+        for l0_xy, (w, h), _ in boxes:
+            x, y = round(l0_xy[0] / ds), round(l0_xy[1] / ds)
+            for r in range(max(y, 0) // th, min((y + h - 1) // th, rows - 1) + 1):
+                wanted.update(
+                    (c, r) for c in range(max(x, 0) // tw, min((x + w - 1) // tw, cols - 1) + 1)
+                )
+        tiles_cr = sorted(wanted, key=lambda cr: (cr[1], cr[0]))
+        how = (
+            "nvJPEG (torchvision)"
+            if dev.type == "cuda"
+            else f"libjpeg-turbo, {bench.workers} threads"
+        )
+        say(f"JPEG batch decode ({len(tiles_cr)} native tiles, {how})")
+        try:  # warm-up: thread pool, and on CUDA torchvision's import and nvJPEG's handle
+            first = source.read_jpeg(level, *tiles_cr[0])
+            if first is not None:
+                decode_jpeg_batch([first], dev, workers=bench.workers)
+        except ImportError as exc:
+            return {"jpeg_batch_decoder": f"skipped: {' '.join(str(exc).split())}"}
+        _sync(dev)
+        t0 = time.perf_counter()
+        streams = [source.read_jpeg(level, c, r) for c, r in tiles_cr]
+        t_read = time.perf_counter() - t0
+        present = [s for s in streams if s is not None]
+        for i in range(0, len(present), JPEG_BATCH_TILES):
+            decode_jpeg_batch(present[i : i + JPEG_BATCH_TILES], dev, workers=bench.workers)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+    bench.seconds["jpeg_batch_decode"] = seconds
+    bench.rates["jpeg_batch_decode"] = bench.tiles / seconds
+    return {
+        "jpeg_batch_decoder": how,
+        "jpeg_batch_level": level,
+        "jpeg_batch_native_tiles": len(tiles_cr),
+        "jpeg_batch_native_tiles_per_s": round(len(tiles_cr) / seconds, 1),
+        "jpeg_batch_read_s": round(t_read, 3),
+        "jpeg_batch_size": JPEG_BATCH_TILES,
+    }
 
 
 def _score_stages(

@@ -29,6 +29,7 @@ REQUIRED = (
 STAGES = (
     "decode",
     "direct_decode",
+    "jpeg_batch_decode",
     "tiling",
     "model",
     "scoring",
@@ -126,6 +127,16 @@ def test_bench_measures_every_stage_on_the_same_tiles(
     assert data["peer_cells"] > 0 and data["scoring_cells"] > 0
     assert set(data["end_to_end_split_s"]) >= {"tiling", "stains", "scoring", "outputs"}
     assert "vs the classical peer" in stdout
+    # Batched JPEG decode of the native level-0 tiles under the tissue tiles (CPU threads here).
+    assert (
+        data["jpeg_batch_decoder"] == "libjpeg-turbo, 2 threads" and data["jpeg_batch_level"] == 0
+    )
+    assert data["jpeg_batch_native_tiles"] >= data["tiles"]  # 512 px level-0 box per tile
+    assert data["jpeg_batch_native_tiles_per_s"] == pytest.approx(
+        data["jpeg_batch_decode_tiles_per_s"] * data["jpeg_batch_native_tiles"] / data["tiles"],
+        rel=0.01,
+    )
+    assert 0 < data["jpeg_batch_read_s"] < data["seconds"]["jpeg_batch_decode"]
     # Where the model's time goes: every step timed, shares of one pass summing to 100 %.
     steps = data["model_steps_pct"]
     assert set(steps) == {"deconvolve", "detect", "rays", "typing", "compartments", "counts"}
@@ -148,9 +159,27 @@ def test_bench_stages_pick_what_runs(tmp_path: Path) -> None:
     assert data["peer_tiles_per_s"] > 0 and data["decode_tiles_per_s"] > 0
     assert not any(
         f"{s}_tiles_per_s" in data
-        for s in ("model", "scoring", "end_to_end", "end_to_end_no_store")
+        for s in ("jpeg_batch_decode", "model", "scoring", "end_to_end", "end_to_end_no_store")
     )
-    assert "scoring_vs_peer" not in data
+    assert "scoring_vs_peer" not in data and "jpeg_batch_decoder" not in data
+
+
+def test_bench_jpeg_batch_decode_skips_non_jpeg_slides(tmp_path: Path) -> None:
+    from conftest import write_generic_tiff
+    from test_direct import _image
+
+    slide = write_generic_tiff(tmp_path / "z.tif", _image(1024, 1024), compression="zlib")
+    out = tmp_path / "bench.json"
+    args = ["bench", str(slide), "--work-dir", str(tmp_path), "--scheduler", "threads"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert (
+            main([*args, "--device", "cpu", "--stages", "jpeg_batch_decode", "--json", str(out)])
+            == 0
+        )
+    data = json.loads(out.read_text())
+    assert data["tiles"] > 0 and data["direct_decode_tiles_per_s"] > 0
+    assert data["jpeg_batch_decoder"] == "skipped: level 0 tiles are deflate"
+    assert "jpeg_batch_decode_tiles_per_s" not in data
 
 
 def test_bench_size_and_stage_options() -> None:

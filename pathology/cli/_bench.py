@@ -8,7 +8,14 @@ import sys
 import time
 
 #: Stages ``--stages`` may name (kept here so ``pathology --help`` does not import the bench).
-_OPTIONAL = ("model", "scoring", "end_to_end", "end_to_end_no_store", "peer")
+_OPTIONAL = (
+    "jpeg_batch_decode",
+    "model",
+    "scoring",
+    "end_to_end",
+    "end_to_end_no_store",
+    "peer",
+)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -45,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure each stage's throughput on a slide (or a synthetic one) in one run",
         description=(
             "Measure, in one run on the same tissue tiles: the raw OpenSlide read+decode rate (the limit), "
-            "the direct TIFF tile decode rate where possible, tiling into Zarr, the model alone on "
+            "the direct TIFF tile decode rate where possible, batched JPEG decoding of the native "
+            "tiles (nvJPEG on CUDA, libjpeg-turbo threads on CPU), tiling into Zarr, the model alone on "
             "in-memory tiles, scoring from the store, the whole product path (score_slide) with its "
             "tile store and without it (--no-store), and the "
             "classical CPU peer (skimage) on a sample of the tiles. Rates in tiles/s and megapixels/s "
@@ -161,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
         "scheduler",
         "tiling_reader",
         "direct_reader",
+        "jpeg_batch_decoder",
+        "jpeg_batch_native_tiles",
+        "jpeg_batch_native_tiles_per_s",
         "level_read",
         "store_files",
         "store_mb",

@@ -15,6 +15,10 @@ OpenSlide's time per tile, and returns the pixels OpenSlide returns:
   (TileByteCounts 0, as sparse TIFFs have) are white: OpenSlide leaves them transparent and
   :class:`~pathology.slide.OpenSlideReader` composites transparency on white.
 
+:meth:`DirectTiffSource.read_jpeg` also hands out a JPEG tile's bytes as one standalone JPEG
+stream (tables merged, colour space stated by an Adobe APP14 marker), for decoders that take no
+TIFF side information, such as nvJPEG (:mod:`pathology.tiling._jpeg`).
+
 Anything this module cannot reproduce exactly is refused at open time (:func:`why_not` says why)
 or, per region, left to OpenSlide by :class:`DirectTiffReader`: sub-pixel level origins (OpenSlide
 interpolates those) and Aperio tiles OpenSlide synthesises from a finer level (zero-length tiles
@@ -240,6 +244,61 @@ class DirectTiffSource:
         out[:vis_h, :vis_w] = tile[:vis_h, :vis_w]
         return out
 
+    def read_jpeg(self, level: int, col: int, row: int) -> bytes | None:
+        """The compressed bytes of native tile (``col``, ``row``) as one standalone JPEG stream.
+
+        For decoders that take a whole JPEG file and no TIFF side information: nvJPEG
+        (:func:`pathology.tiling._jpeg.decode_jpeg_batch` on CUDA), plain libjpeg. The stream is
+        the tile's own with the page's JPEGTables merged in, and its colour space stated in the
+        stream: any JFIF / Adobe marker of the tile is dropped and an Adobe APP14 marker with
+        transform 0 (``Photometric`` RGB: the components are R, G, B) or 1 (YCbCr) is inserted,
+        so a standard decoder gives the pixels :meth:`read_tile` gives.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level; its tiles must be JPEG.
+        col, row : int
+            Tile index (``tile_cr``).
+
+        Returns
+        -------
+        bytes or None
+            A complete JPEG (SOI ... EOI) of the full native tile size, edge tiles included
+            (the part beyond the image is whatever the scanner encoded there); None for a
+            missing tile (TileByteCounts 0), which :meth:`read_tile` paints white.
+
+        Raises
+        ------
+        ValueError
+            The level's tiles are not JPEG (deflate, LZW, uncompressed).
+        TileReadError
+            The tile is truncated (no end-of-image marker) or its header cannot be parsed.
+        """
+        lv = self._level(level)
+        if lv.compression != "jpeg":
+            raise ValueError(
+                f"{self.path}: level {level} tiles are {lv.compression}, not JPEG: "
+                "no JPEG stream to hand to a JPEG decoder (use read_tile)"
+            )
+        cols, rows = lv.tiles_cr
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise IndexError(
+                f"tile (col {col}, row {row}) outside level {level}'s {cols}x{rows} tiles"
+            )
+        data = self._tile_bytes(level, lv, col, row)
+        if data is None:
+            return None
+        try:
+            return _standalone_jpeg(data, lv.jpeg_tables, rgb=lv.jpeg_colorspace == "RGB")
+        except ValueError as exc:
+            tw, th = lv.tile_px
+            raise TileReadError(
+                self.path,
+                f"level {level}, tile col {col}, row {row} (level px x={col * tw}, y={row * th}): "
+                f"{exc}",
+            ) from None
+
     def read_region(
         self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]
     ) -> NDArray[np.uint8]:
@@ -313,44 +372,67 @@ class DirectTiffSource:
             )
         return self.levels[level]
 
-    def _decode(self, level: int, lv: DirectLevel, col: int, row: int) -> NDArray[np.uint8] | None:
-        """Full native tile (tile_h, tile_w, 3) uint8, or None for a missing tile."""
+    def _tile_fail(
+        self, level: int, lv: DirectLevel, col: int, row: int, problem: str
+    ) -> TileReadError:
+        tw, th = lv.tile_px
+        return TileReadError(
+            self.path,
+            f"level {level}, tile col {col}, row {row} (level px x={col * tw}, y={row * th}): {problem}",
+        )
+
+    def _tile_bytes(self, level: int, lv: DirectLevel, col: int, row: int) -> bytes | None:
+        """The tile's stored bytes, or None for a missing tile; JPEG tiles checked for truncation."""
         k = row * lv.tiles_cr[0] + col
         nbytes = int(lv.bytecounts[k])
         if nbytes == 0:
             return None
         if self._fd is None:
             raise ValueError(f"{self.path}: direct source is closed")
-        tw, th = lv.tile_px
-
-        def fail(problem: str) -> TileReadError:
-            return TileReadError(
-                self.path,
-                f"level {level}, tile col {col}, row {row} (level px x={col * tw}, y={row * th}): {problem}",
-            )
-
         data = os.pread(self._fd, nbytes, int(lv.offsets[k]))
         if len(data) != nbytes:
-            raise fail(
-                f"file ends inside the tile ({len(data)} of {nbytes} bytes); truncated copy?"
+            raise self._tile_fail(
+                level,
+                lv,
+                col,
+                row,
+                f"file ends inside the tile ({len(data)} of {nbytes} bytes); truncated copy?",
             )
+        # libjpeg treats data that ends early as a warning and fills the rest of the tile;
+        # OpenSlide turns that warning into an error, so must we (truncated tiles).
+        if (
+            lv.compression == "jpeg"
+            and not data.endswith(_EOI)
+            and not data.rstrip(b"\0").endswith(_EOI)
+        ):
+            raise self._tile_fail(level, lv, col, row, "truncated JPEG (no end-of-image marker)")
+        return data
+
+    def _decode(self, level: int, lv: DirectLevel, col: int, row: int) -> NDArray[np.uint8] | None:
+        """Full native tile (tile_h, tile_w, 3) uint8, or None for a missing tile."""
+        data = self._tile_bytes(level, lv, col, row)
+        if data is None:
+            return None
+        tw, th = lv.tile_px
         try:
             if lv.compression == "jpeg":
-                # libjpeg treats data that ends early as a warning and fills the rest of the tile;
-                # OpenSlide turns that warning into an error, so must we (truncated tiles).
-                if not data.endswith(_EOI) and not data.rstrip(b"\0").endswith(_EOI):
-                    raise fail("truncated JPEG (no end-of-image marker)")
                 tile = imagecodecs.jpeg8_decode(
                     data, tables=lv.jpeg_tables, colorspace=lv.jpeg_colorspace, outcolorspace="RGB"
                 )
             else:
                 tile = _unpack(data, lv)
-        except TileReadError:
-            raise
         except Exception as exc:  # imagecodecs raises codec-specific RuntimeError subclasses
-            raise fail(f"cannot decode {lv.compression} data ({_one_line(exc)})") from exc
+            raise self._tile_fail(
+                level, lv, col, row, f"cannot decode {lv.compression} data ({_one_line(exc)})"
+            ) from exc
         if tile.shape != (th, tw, 3) or tile.dtype != np.uint8:
-            raise fail(f"decoded {tile.shape} {tile.dtype}, expected ({th}, {tw}, 3) uint8")
+            raise self._tile_fail(
+                level,
+                lv,
+                col,
+                row,
+                f"decoded {tile.shape} {tile.dtype}, expected ({th}, {tw}, 3) uint8",
+            )
         return tile
 
     def close(self) -> None:
@@ -406,6 +488,73 @@ def _unpack(data: bytes, lv: DirectLevel) -> NDArray[np.uint8]:
         # same channel one pixel left; a running sum modulo 256 undoes it (libtiff's horAcc8).
         tile = np.cumsum(tile, axis=1, dtype=np.uint8)
     return tile
+
+
+#: JPEG markers that stand alone (no length field): TEM, RST0-7, SOI, EOI.
+_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])
+
+
+def _jpeg_header_segments(data: bytes) -> tuple[list[bytes], int]:
+    """Marker segments (each ``FF xx`` + length + payload) of a JPEG stream's header after SOI,
+    and the offset where the header ends (the SOS marker, or EOI in a tables-only stream)."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("JPEG data does not start with SOI")
+    segments: list[bytes] = []
+    i, n = 2, len(data)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            raise ValueError(f"JPEG header: expected a marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: the header is over
+            return segments, i
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        if i + 4 > n:
+            break
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if end > n:
+            break
+        segments.append(data[i:end])
+        i = end
+    raise ValueError("JPEG header ends before its start-of-scan marker")
+
+
+def _is_colour_marker(segment: bytes) -> bool:
+    """A JFIF APP0 or Adobe APP14 segment: the in-stream colour-space signals libjpeg reads."""
+    return (segment[1] == 0xE0 and segment[4:9] == b"JFIF\x00") or (
+        segment[1] == 0xEE and segment[4:9] == b"Adobe"
+    )
+
+
+def _adobe_app14(transform: int) -> bytes:
+    """Adobe APP14 segment: ``FF EE``, length 14, ``"Adobe"``, version 100, flags0 0, flags1 0,
+    then the colour transform (0: components are RGB / CMYK as is, 1: YCbCr, 2: YCCK)."""
+    payload = b"Adobe" + (100).to_bytes(2, "big") + bytes(4) + bytes([transform])
+    return b"\xff\xee" + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _standalone_jpeg(data: bytes, tables: bytes | None, *, rgb: bool) -> bytes:
+    """One self-contained JPEG from a TIFF tile's (possibly abbreviated) stream.
+
+    SOI, an Adobe APP14 marker stating the colour space (transform 0 for ``rgb``, else 1), the
+    JPEGTables' segments (DQT, DHT, ...), the tile's own header segments (which come later, so a
+    table the tile redefines wins, as when libjpeg reads the tables stream first), then the tile
+    from its SOS on, with any padding after EOI dropped. JFIF and Adobe segments of the inputs
+    are dropped: libjpeg lets a JFIF marker override APP14, and two APP14s would be ambiguous.
+    """
+    tile_segments, sos = _jpeg_header_segments(data)
+    table_segments = _jpeg_header_segments(tables)[0] if tables else []
+    body = data[sos:]
+    if not body.endswith(_EOI):
+        body = body.rstrip(b"\0")
+    parts = [b"\xff\xd8", _adobe_app14(0 if rgb else 1)]
+    parts += [seg for seg in (*table_segments, *tile_segments) if not _is_colour_marker(seg)]
+    parts.append(body)
+    return b"".join(parts)
 
 
 # -- opening ----------------------------------------------------------------------------------
