@@ -135,7 +135,9 @@ def _log_plan(h: int, w: int, sigma_px: float, device: torch.device) -> tuple[li
     return xs, ys
 
 
-def log_response(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
+def log_response(
+    img: torch.Tensor, sigma_px: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scale-normalised negative Laplacian of Gaussian, ``-sigma^2 (Gxx + Gyy) * img``.
 
     The filters are banded matrices (zero padding: OD 0 is glass), applied block by block so each
@@ -149,7 +151,8 @@ def log_response(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
     xa = torch.empty((*img.shape[:-1], 2, w), dtype=img.dtype, device=img.device)
     for a, b, lo, hi, m in xs:  # xa[..., 0, :] = img Gx, xa[..., 1, :] = img Gxx
         xa[..., a:b] = (img[..., lo:hi] @ m).unflatten(-1, (2, b - a))
-    out = torch.empty(img.shape, dtype=img.dtype, device=img.device)
+    if out is None:
+        out = torch.empty(img.shape, dtype=img.dtype, device=img.device)
     for a, b, lo, hi, gy_t, gyy_t in ys:
         blk = out[..., a:b, :]
         blk.copy_(gy_t @ xa[..., lo:hi, 1, :])
@@ -246,13 +249,12 @@ def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_R
     import torch
 
     sig_px = [s / det_mpp for s in SIGMAS_UM]
-    # Best scale per pixel, as a running maximum (the first scale wins ties, as max() would).
-    resp = log_response(det, sig_px[0])[:, 0]  # (N, h, w)
-    scale8 = torch.zeros(resp.shape, dtype=torch.uint8, device=det.device)
-    for i, s in enumerate(sig_px[1:], start=1):
-        r = log_response(det, s)[:, 0]
-        scale8.masked_fill_(r > resp, i)
-        torch.maximum(resp, r, out=resp)
+    # Responses of every scale, written in place; the best response per pixel is one reduction
+    # over the scale axis, and the best scale is only looked up at the peaks.
+    stack = torch.empty((len(sig_px), *det.shape), dtype=det.dtype, device=det.device)
+    for i, s in enumerate(sig_px):
+        log_response(det, s, out=stack[i])
+    resp = stack.amax(0)[:, 0]  # (N, h, w)
     n_, h, w = resp.shape
     # Deterministic tie-break so a flat-topped peak yields exactly one maximum.
     ramp = torch.arange(h * w, device=det.device, dtype=torch.float32).view(1, h, w) / (h * w)
@@ -261,10 +263,12 @@ def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_R
     n, y, x = ((resp_t >= local) & (resp > min_response)).nonzero(as_tuple=True)
     # Scale-aware suppression among the candidates: a peak inside NMS_FRACTION of the radius of
     # a stronger one is the same nucleus (texture, nucleoli, a lobe).
-    keep = _suppress(n, y, x, resp_t[n, y, x], scale8[n, y, x].long(), sig_px, n_)
-    n, y, x = n[keep], y[keep], x[keep]
+    # First scale reaching the maximum, as a running argmax would pick.
+    scale = stack[:, n, 0, y, x].argmax(0)
+    keep = _suppress(n, y, x, resp_t[n, y, x], scale, sig_px, n_)
+    n, y, x, scale = n[keep], y[keep], x[keep], scale[keep]
     dy, dx = _subpixel(resp, n, y, x)
     yx = torch.stack([(y.float() + 0.5 + dy) * det_mpp, (x.float() + 0.5 + dx) * det_mpp], dim=1)
     sig = torch.tensor(SIGMAS_UM, device=det.device, dtype=torch.float32)
-    radius = sig[scale8[n, y, x].long()] * math.sqrt(2.0)
+    radius = sig[scale] * math.sqrt(2.0)
     return Peaks(tile=n, yx_um=yx, radius_um=radius, response=resp[n, y, x])

@@ -95,7 +95,8 @@ def _prefix(v: torch.Tensor) -> torch.Tensor:
     """(..., S + 1) prefix sums along the last axis, starting at 0."""
     import torch
 
-    out = torch.zeros((*v.shape[:-1], v.shape[-1] + 1), dtype=v.dtype, device=v.device)
+    out = torch.empty((*v.shape[:-1], v.shape[-1] + 1), dtype=v.dtype, device=v.device)
+    out[..., 0] = 0.0
     torch.cumsum(v, -1, out=out[..., 1:])
     return out
 
@@ -415,11 +416,21 @@ def sample_points(
     gy = torch.add(cy, offset_um[..., 0] * sy)
     gy = torch.minimum(torch.maximum(gy, lo_y, out=gy), hi_y, out=gy)
     # Interleave as (x, y): copying each plane into a strided view is several times faster on the
-    # CPU than torch.stack.
-    grid = torch.empty((k, m, 2), dtype=maps.dtype, device=maps.device)
-    grid[..., 0].copy_(gx)
-    grid[..., 1].copy_(gy)
+    # CPU than torch.stack. The CPU grid_sample runs one thread per batch item, so the points are
+    # split into one part per thread against the same tall image (expanded: no copy).
+    parts = torch.get_num_threads() if maps.device.type == "cpu" else 1
+    total = k * m
+    per = max(1, -(-total // parts))
+    grid = torch.empty((parts * per, 2), dtype=maps.dtype, device=maps.device)
+    grid[total:] = 0.0
+    grid[:total, 0].view(k, m).copy_(gx)
+    grid[:total, 1].view(k, m).copy_(gy)
     samp = F.grid_sample(
-        tall, grid.view(1, 1, k * m, 2), mode="bilinear", padding_mode="border", align_corners=True
-    )
-    return samp.view(c, k, m).transpose(0, 1)
+        tall.expand(parts, -1, -1, -1),
+        grid.view(parts, 1, per, 2),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )  # (parts, C, 1, per)
+    flat = samp.squeeze(2).transpose(0, 1).reshape(c, parts * per)[:, :total]
+    return flat.view(c, k, m).transpose(0, 1)
