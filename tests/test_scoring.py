@@ -363,3 +363,27 @@ def test_deepliif_ki67_targets() -> None:
         pos = 100 * float(np.mean(res.cells["nucleus_dab"] >= 0.2)) if n else 0.0
         assert abs(n - gt.n_cells) <= 0.2 * gt.n_cells
         assert abs(pos - gt.percent_positive) <= 5.0
+
+
+def test_host_allocator_tuning_is_opt_out(monkeypatch) -> None:
+    import pathology.scoring._device as d
+
+    monkeypatch.setattr(d, "_allocator_tuned", False)
+    monkeypatch.setenv("PATHOLOGY_MALLOC_TUNE", "0")
+    assert d.tune_host_allocator() is False
+    monkeypatch.delenv("PATHOLOGY_MALLOC_TUNE")
+    import sys
+
+    expected = sys.platform.startswith("linux") and _has_glibc()
+    assert d.tune_host_allocator() is expected
+    # A CPU model load applies it (idempotent).
+    from pathology.scoring import load_model
+
+    load_model("ki67", 0.5, device="cpu")
+    assert d._allocator_tuned is expected
+
+
+def _has_glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from pathology.errors import ConfigError
 from pathology.scoring._celltype import CellTypeModel, load_cell_types
-from pathology.scoring._device import resolve_device, run_halving
+from pathology.scoring._device import resolve_device, run_halving, tune_host_allocator
 from pathology.scoring._markers import MarkerConfig, load_marker
 from pathology.scoring._stains import StainEstimate
 
@@ -107,7 +107,10 @@ def load_model(
     halo = halo_for(mpp) if halo_px is None else int(halo_px)
     scorer = CellScorer(cfg, mpp, ct, stains=stains, halo_px=halo)
     scorer.model_name = Path(model).name  # type: ignore[assignment]
-    return scorer.to(resolve_device(device)).eval()
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_host_allocator()
+    return scorer.to(dev).eval()
 
 
 def _as_nchw(tiles: Any) -> torch.Tensor:

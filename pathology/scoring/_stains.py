@@ -136,11 +136,13 @@ def deconvolve(rgb: torch.Tensor, log_i0: torch.Tensor, unmix: torch.Tensor) -> 
     # The arithmetic is trivial and memory-bound: on the CPU, work through the batch a few tiles
     # at a time so the float copy stays in cache.
     step = max(1, _DECONV_CHUNK_PX // (h * w)) if rgb.device.type == "cpu" else n
+    buf = torch.empty((min(step, n), 3, h, w), dtype=torch.float32, device=rgb.device)
     for a in range(0, n, step):
         b = min(n, a + step)
-        # In place over one float copy: log10(I + 1) = log1p(I) / ln 10, then OD = log10(I0 + 1)
+        # In place over one float copy (one buffer for every chunk: a fresh large allocation per
+        # chunk costs page faults): log10(I + 1) = log1p(I) / ln 10, then OD = log10(I0 + 1)
         # minus that, clamped at 0 (brighter than glass).
-        od = rgb[a:b].float()
+        od = buf[: b - a].copy_(rgb[a:b])
         od.log1p_().mul_(-1.0 / math.log(10.0)).add_(shift).clamp_min_(0.0)
         # Three multiply-adds per stain into the output: faster on the CPU than a 1x1
         # convolution, an einsum or a stack of temporaries.
