@@ -390,8 +390,9 @@ def sample_points(
     returns (K, C, M).
 
     Points are clamped to their own tile (border padding), then all tiles are sampled as one tall
-    (C, N*H, W) image in a single ``grid_sample`` call: no padded per-tile grid and no gather
-    afterwards. Stain-major maps (see :func:`deconvolve`) are viewed that way without a copy.
+    (C, N*H, W) image in one ``grid_sample`` call (the points split into one part per CPU thread):
+    no padded per-tile grid and no gather afterwards. Stain-major maps (see :func:`deconvolve`)
+    are viewed that way without a copy.
     """
     import torch
     import torch.nn.functional as F
