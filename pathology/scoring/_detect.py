@@ -55,11 +55,16 @@ class Peaks:
     response: torch.Tensor
 
 
+def _radius(sigma_px: float) -> int:
+    """Half-width (pixels) of the truncated Gaussian kernels: 3 sigma."""
+    return max(1, math.ceil(3.0 * sigma_px))
+
+
 @functools.lru_cache(maxsize=64)
 def _gauss_matrix_np(n: int, sigma_px: float, deriv: int) -> NDArray[np.float32]:
     """(n, n) matrix M with ``(img @ M)`` = Gaussian (``deriv`` 0) or its second derivative
     (``deriv`` 2) filtering along the last axis, zero outside the image (OD 0 = glass)."""
-    r = max(1, math.ceil(3.0 * sigma_px))
+    r = _radius(sigma_px)
     x = np.arange(-r, r + 1, dtype=np.float64)
     g = np.exp(-0.5 * (x / sigma_px) ** 2)
     g /= g.sum()
@@ -90,10 +95,6 @@ def _blocks(n: int, r: int) -> list[tuple[int, int, int, int]]:
     nb = max(1, round(n / _BLOCK_PX))
     e = [round(i * n / nb) for i in range(nb + 1)]
     return [(a, b, max(0, a - r), min(n, b + r)) for a, b in itertools.pairwise(e)]
-
-
-def _radius(sigma_px: float) -> int:
-    return max(1, math.ceil(3.0 * round(sigma_px, 4)))
 
 
 def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
