@@ -191,6 +191,48 @@ def test_pale_counterstain_is_rescaled_per_slide_and_dab_is_not() -> None:
     np.testing.assert_array_equal(scaled.unmix[:, 1], ref.unmix[:, 1])
 
 
+# -- detection filters -----------------------------------------------------------------------
+def test_fft_log_matches_direct_separable_convolution() -> None:
+    """The frequency-domain LoG equals ``-s^2 (Gxx Gy + Gx Gyy) * img`` with zero padding, done
+    directly with scipy on the same truncated taps, on a non-square batch at every scale."""
+    from scipy.ndimage import correlate1d
+
+    from pathology.scoring._detect import SIGMAS_UM, gaussian_taps, log_responses
+
+    rng = np.random.default_rng(3)
+    img = rng.gamma(2.0, 0.2, (3, 37, 52)).astype(np.float32)
+    img[1] = 0.0
+    img[1, 18, 26] = 1.0  # an impulse: the response is the kernel itself, edges included
+    got = log_responses(torch.from_numpy(img), SIGMAS_UM).numpy()
+    assert got.shape == (len(SIGMAS_UM), 3, 37, 52)
+
+    def sep(x: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+        y = correlate1d(x.astype(np.float64), ky, axis=-2, mode="constant")
+        return correlate1d(y, kx, axis=-1, mode="constant")
+
+    for i, s in enumerate(SIGMAS_UM):
+        g, g2 = gaussian_taps(s, 0), gaussian_taps(s, 2)
+        want = -(s * s) * (sep(img, g, g2) + sep(img, g2, g))
+        np.testing.assert_allclose(got[i], want, atol=2e-6)
+        assert abs(got[i, 1].sum()) < 1e-5  # zero response to a constant: the LoG sums to 0
+    # A disc of radius r answers most at sigma = r / sqrt(2) (the scale the detector reports).
+    yy, xx = np.mgrid[:64, :64]
+    disc = (((yy - 32) ** 2 + (xx - 32) ** 2) <= 4.4**2).astype(np.float32)[None]
+    centre = log_responses(torch.from_numpy(disc), SIGMAS_UM)[:, 0, 32, 32]
+    assert SIGMAS_UM[int(centre.argmax())] == 3.1
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_mean_pool_matches_avg_pool2d(factor: int) -> None:
+    from pathology.scoring._model import mean_pool
+
+    x = torch.rand(2, 3, 41, 50)
+    want = torch.nn.functional.avg_pool2d(x, factor)
+    got = mean_pool(x, factor)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 # -- device ----------------------------------------------------------------------------------
 def test_device_resolution() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"

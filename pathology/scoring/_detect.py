@@ -9,7 +9,6 @@ of the input tile so the measuring stage can sample at its own resolution.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DETECT_MPP", "SIGMAS_UM", "Peaks", "detect_nuclei", "gaussian_blur", "log_response"]
+__all__ = ["DETECT_MPP", "SIGMAS_UM", "Peaks", "detect_nuclei", "gaussian_taps", "log_responses"]
 
 #: Microns per pixel of the detection grid.
 DETECT_MPP = 1.0
@@ -60,105 +59,96 @@ def _radius(sigma_px: float) -> int:
     return max(1, math.ceil(3.0 * sigma_px))
 
 
-@functools.lru_cache(maxsize=64)
-def _gauss_matrix_np(n: int, sigma_px: float, deriv: int) -> NDArray[np.float32]:
-    """(n, n) matrix M with ``(img @ M)`` = Gaussian (``deriv`` 0) or its second derivative
-    (``deriv`` 2) filtering along the last axis, zero outside the image (OD 0 = glass)."""
+def gaussian_taps(sigma_px: float, deriv: int) -> NDArray[np.float64]:
+    """Taps ``k[-r..r]`` of the truncated, normalised 1-D Gaussian (``deriv`` 0) or its second
+    derivative (``deriv`` 2, shifted to an exact zero response to a constant)."""
     r = _radius(sigma_px)
     x = np.arange(-r, r + 1, dtype=np.float64)
     g = np.exp(-0.5 * (x / sigma_px) ** 2)
     g /= g.sum()
-    if deriv == 2:
-        k = (x**2 / sigma_px**4 - 1.0 / sigma_px**2) * g
-        k -= k.sum() * g  # exact zero response to a constant
-    else:
-        k = g
-    i = np.arange(n)
-    d = i[:, None] - i[None, :]  # input index j (row) minus output index i (column)
-    m = np.where(np.abs(d) <= r, k[np.clip(d + r, 0, 2 * r)], 0.0)
-    return m.astype(np.float32)
+    if deriv != 2:
+        return g
+    k = (x**2 / sigma_px**4 - 1.0 / sigma_px**2) * g
+    return k - k.sum() * g
 
 
-def _gauss_matrix(n: int, sigma_px: float, deriv: int, device: torch.device) -> torch.Tensor:
+#: Detection-grid pixels per chunk of :func:`log_responses` on the CPU (the spectra of all scales
+#: of a chunk, ~3 MB, stay in cache).
+_FFT_CHUNK_PX = 100_000
+
+
+def _fft_len(n: int) -> int:
+    """Smallest length >= n whose only prime factors are 2, 3 and 5 (fast for every FFT backend)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def _dft(taps: NDArray[np.float64], n: int) -> NDArray[np.complex128]:
+    """DFT of a centred kernel laid out circularly on ``n`` samples (tap 0 at index 0)."""
+    r = len(taps) // 2
+    full = np.zeros(n)
+    np.add.at(full, np.arange(-r, r + 1) % n, taps)
+    return np.fft.fft(full)
+
+
+@functools.lru_cache(maxsize=32)
+def _log_spectra(
+    h: int, w: int, sigmas_px: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, int, int]:
+    """Transfer functions of the scale-normalised negative LoG of each sigma for (h, w) images
+    zero-padded to (nh, nw), cached per device: ((S, nw // 2 + 1, nh) complex64, nh, nw)."""
     import torch
 
-    return torch.from_numpy(_gauss_matrix_np(n, round(sigma_px, 4), deriv)).to(device)
+    pad = max(_radius(s) for s in sigmas_px)
+    nh, nw = _fft_len(h + pad), _fft_len(w + pad)
+    spectra = []
+    for s in sigmas_px:
+        gy, gyy = _dft(gaussian_taps(s, 0), nh), _dft(gaussian_taps(s, 2), nh)
+        gx, gxx = (_dft(gaussian_taps(s, d), nw)[: nw // 2 + 1] for d in (0, 2))
+        spectra.append(-(s * s) * (np.outer(gyy, gx) + np.outer(gy, gxx)))
+    # Transposed (x frequency major), the layout :func:`log_responses` works in.
+    tf = torch.from_numpy(np.stack(spectra).transpose(0, 2, 1).astype(np.complex64))
+    return tf.contiguous().to(device), nh, nw
 
 
-#: Width (pixels) of the output blocks of the banded matmuls below.
-_BLOCK_PX = 40
-
-
-def _blocks(n: int, r: int) -> list[tuple[int, int, int, int]]:
-    """Output blocks ``[a, b)`` of an ``n``-long axis with the input span ``[lo, hi)`` a filter of
-    half-width ``r`` reads for them."""
-    nb = max(1, round(n / _BLOCK_PX))
-    e = [round(i * n / nb) for i in range(nb + 1)]
-    return [(a, b, max(0, a - r), min(n, b + r)) for a, b in itertools.pairwise(e)]
-
-
-def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of (..., H, W) float with zero padding, as two banded matmuls
-    (several times faster than a convolution with a long 1-D kernel on the CPU)."""
-    h, w = img.shape[-2:]
-    gy = _gauss_matrix(h, sigma_px, 0, img.device)
-    gx = _gauss_matrix(w, sigma_px, 0, img.device)
-    return gy.T @ (img @ gx)
-
-
-@functools.lru_cache(maxsize=64)
-def _log_plan(h: int, w: int, sigma_px: float, device: torch.device) -> tuple[list, list]:
-    """Block matrices of :func:`log_response` for an (h, w) image, cached per device: x blocks
-    ``(a, b, lo, hi, [Gx | Gxx][lo:hi, a:b])`` and y blocks ``(a, b, lo, hi, Gy^T, Gyy^T)``."""
-    import torch
-
-    r = _radius(sigma_px)
-    gx = torch.from_numpy(_gauss_matrix_np(w, sigma_px, 0))
-    gxx = torch.from_numpy(_gauss_matrix_np(w, sigma_px, 2))
-    gy = torch.from_numpy(_gauss_matrix_np(h, sigma_px, 0))
-    gyy = torch.from_numpy(_gauss_matrix_np(h, sigma_px, 2))
-    xs = []
-    for a, b, lo, hi in _blocks(w, r):
-        m = torch.stack([gx[lo:hi, a:b], gxx[lo:hi, a:b]], 1).reshape(hi - lo, 2 * (b - a))
-        xs.append((a, b, lo, hi, m.to(device)))
-    ys = []
-    for a, b, lo, hi in _blocks(h, r):
-        ys.append(
-            (
-                a,
-                b,
-                lo,
-                hi,
-                gy.T[a:b, lo:hi].contiguous().to(device),
-                gyy.T[a:b, lo:hi].contiguous().to(device),
-            )
-        )
-    return xs, ys
-
-
-def log_response(
-    img: torch.Tensor, sigma_px: float, out: torch.Tensor | None = None
+def log_responses(
+    img: torch.Tensor, sigmas_px: tuple[float, ...], out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Scale-normalised negative Laplacian of Gaussian, ``-sigma^2 (Gxx + Gyy) * img``.
+    """Scale-normalised negative Laplacian of Gaussian of (N, h, w) float32 at every sigma:
+    ``-sigma^2 (Gxx Gy + Gx Gyy) * img`` with the kernels of :func:`gaussian_taps`, zero outside
+    the image (OD 0 is glass). Returns (S, N, h, w), written to ``out`` when given.
 
-    The filters are banded matrices (zero padding: OD 0 is glass), applied block by block so each
-    matmul only spans the band: the same sums as the dense ``Gy^T (img Gxx) + Gyy^T (img Gx)``
-    at about half the multiply-adds. The x pass applies Gx and Gxx in one matmul per block.
+    Computed in the frequency domain: real FFTs along x, then complex FFTs along y in a
+    transposed layout so every transform runs along contiguous memory; then, for all scales at
+    once, the product with the kernels' spectra, the inverse along y (keeping the h rows wanted),
+    one transpose back and the inverse along x. Padding each axis by the largest kernel radius
+    makes the circular convolution equal the zero-padded one, so the result matches a direct
+    convolution to float rounding (~1e-7 OD), at about half the time of banded separable matmuls
+    on the CPU. On the CPU the batch goes through a few tiles at a time so the spectra of every
+    scale stay in cache.
     """
     import torch
 
-    h, w = img.shape[-2:]
-    xs, ys = _log_plan(h, w, round(sigma_px, 4), img.device)
-    xa = torch.empty((*img.shape[:-1], 2, w), dtype=img.dtype, device=img.device)
-    for a, b, lo, hi, m in xs:  # xa[..., 0, :] = img Gx, xa[..., 1, :] = img Gxx
-        xa[..., a:b] = (img[..., lo:hi] @ m).unflatten(-1, (2, b - a))
+    n, h, w = img.shape
+    tf, nh, nw = _log_spectra(h, w, tuple(round(s, 4) for s in sigmas_px), img.device)
     if out is None:
-        out = torch.empty(img.shape, dtype=img.dtype, device=img.device)
-    for a, b, lo, hi, gy_t, gyy_t in ys:
-        blk = out[..., a:b, :]
-        blk.copy_(gy_t @ xa[..., lo:hi, 1, :])
-        blk.add_(gyy_t @ xa[..., lo:hi, 0, :])
-    return out.mul_(-(sigma_px * sigma_px))
+        out = torch.empty((len(sigmas_px), n, h, w), dtype=img.dtype, device=img.device)
+    step = max(1, _FFT_CHUNK_PX // (h * w)) if img.device.type == "cpu" else max(n, 1)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        # (k, nw // 2 + 1, nh): x frequency major, y frequency along contiguous memory.
+        spec = torch.fft.fft(torch.fft.rfft(img[a:b], n=nw, dim=-1).transpose(1, 2), n=nh, dim=-1)
+        cols = torch.fft.ifft(spec.unsqueeze(0) * tf.unsqueeze(1), dim=-1)[..., :h]
+        rows = cols.transpose(-1, -2).contiguous()  # (S, k, h, nw // 2 + 1)
+        out[:, a:b] = torch.fft.irfft(rows, n=nw, dim=-1)[..., :w]
+    return out
 
 
 def _subpixel(
@@ -250,12 +240,10 @@ def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_R
     import torch
 
     sig_px = [s / det_mpp for s in SIGMAS_UM]
-    # Responses of every scale, written in place; the best response per pixel is one reduction
-    # over the scale axis, and the best scale is only looked up at the peaks.
-    stack = torch.empty((len(sig_px), *det.shape), dtype=det.dtype, device=det.device)
-    for i, s in enumerate(sig_px):
-        log_response(det, s, out=stack[i])
-    resp = stack.amax(0)[:, 0]  # (N, h, w)
+    # Responses of every scale in one (S, N, h, w) stack; the best response per pixel is one
+    # reduction over the scale axis, and the best scale is only looked up at the peaks.
+    stack = log_responses(det[:, 0], tuple(sig_px))
+    resp = stack.amax(0)  # (N, h, w)
     n_, h, w = resp.shape
     # Deterministic tie-break so a flat-topped peak yields exactly one maximum.
     ramp = torch.arange(h * w, device=det.device, dtype=torch.float32).view(1, h, w) / (h * w)
@@ -265,7 +253,7 @@ def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_R
     # Scale-aware suppression among the candidates: a peak inside NMS_FRACTION of the radius of
     # a stronger one is the same nucleus (texture, nucleoli, a lobe).
     # First scale reaching the maximum, as a running argmax would pick.
-    scale = stack[:, n, 0, y, x].argmax(0)
+    scale = stack[:, n, y, x].argmax(0)
     keep = _suppress(n, y, x, resp_t[n, y, x], scale, sig_px, n_)
     n, y, x, scale = n[keep], y[keep], x[keep], scale[keep]
     dy, dx = _subpixel(resp, n, y, x)

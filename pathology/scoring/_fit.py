@@ -74,13 +74,7 @@ def training_cells(
             fe = cell_features(rays, resp, radius).numpy()
             y = rays.yx_um[:, 0].numpy() / mpp - 0.5
             x = rays.yx_um[:, 1].numpy() / mpp - 0.5
-            size = t.shape[-1]
-            core = (
-                (y >= halo - 0.5)
-                & (y < size - halo - 0.5)
-                & (x >= halo - 0.5)
-                & (x < size - halo - 0.5)
-            )
+            core = scorer.in_core(rays.yx_um, t.shape[-2], t.shape[-1]).numpy()
             o = origins[i + rays.tile.numpy()]
             feats.append(fe[core])
             xy.append(np.stack([x - halo + o[:, 1], y - halo + o[:, 0]], 1)[core])

@@ -285,6 +285,7 @@ def measure_compartments(
     meas_mpp: float,
     ridge_od: float = 0.04,
     max_offset_um: float = MAX_OFFSET_UM,
+    cells: torch.Tensor | None = None,
 ) -> Compartments:
     """Cytoplasm and membrane DAB of each cell from its rays and its neighbours' positions.
 
@@ -303,21 +304,33 @@ def measure_compartments(
     max_offset_um : float
         A ray's membrane stain whose DAB centroid lies further than this outside the cell edge
         belongs to the neighbour (its own membrane ring is on the other side of the shared edge).
+    cells : Tensor (M,) int64, optional
+        Measure only these cells (indices into ``rays``), e.g. those a tile counts; their
+        neighbours are still every cell of ``rays``. The result has M entries (default: all K).
     """
     import torch
 
-    k_all, a, s = rays.h.shape
+    _, a, s = rays.h.shape
     dev = rays.h.device
+
+    def own_(v: torch.Tensor) -> torch.Tensor:
+        return v if cells is None else v[cells]
+
+    tile, yx, nb_index, body = (
+        own_(v) for v in (rays.tile, rays.yx_um, rays.nb_index, body_radius_um)
+    )
+    k_all = tile.numel()
     if k_all == 0:
         z = torch.zeros(0, device=dev)
         return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
+    en, dab, dab_wcum = own_(rays.edge_um), own_(rays.dab), own_(rays.dab_wcum)
     theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
     dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
-    valid = rays.nb_index >= 0
-    nbi = rays.nb_index.clamp_min(0)
-    d = rays.yx_um[nbi] - rays.yx_um.unsqueeze(1)  # (K, n, 2)
+    valid = nb_index >= 0
+    nbi = nb_index.clamp_min(0)
+    d = rays.yx_um[nbi] - yx.unsqueeze(1)  # (K, n, 2)
     d2 = (d**2).sum(-1)
-    rho_i = body_radius_um.view(-1, 1)
+    rho_i = body.view(-1, 1)
     rho_j = body_radius_um[nbi]
     proj = torch.einsum("knc,ac->kan", d, dirs)  # (K, A, n)
     num = (d2 + rho_i**2 - rho_j**2).unsqueeze(1)
@@ -326,19 +339,18 @@ def measure_compartments(
         num / (2 * proj.clamp_min(1e-3)),
         torch.full_like(proj, math.inf),
     )
-    edge_cell = torch.minimum(tb.amin(2), body_radius_um.view(-1, 1))
-    edge_cell = torch.maximum(edge_cell, rays.edge_um + 0.5).clamp(max=RAY_MAX_UM - MEMBRANE_OUT_UM)
-    en, ec = rays.edge_um, edge_cell
+    edge_cell = torch.minimum(tb.amin(2), rho_i)
+    ec = torch.maximum(edge_cell, en + 0.5).clamp(max=RAY_MAX_UM - MEMBRANE_OUT_UM)
     wpre = _prefix(rays.t_um + RAY_STEP_UM / 2)
     # Cytoplasm: [nucleus edge + 0.75, cell edge - 1] um, or [+ 0.25, cell edge] when that is empty.
     c0, c1 = _band(en + 0.75, ec - 1.0, s)
     f0, f1 = _band(en + 0.25, ec, s)
     has = c1 > c0
-    cyto_ray = _band_mean(rays.dab_wcum, wpre, torch.where(has, c0, f0), torch.where(has, c1, f1))
+    cyto_ray = _band_mean(dab_wcum, wpre, torch.where(has, c0, f0), torch.where(has, c1, f1))
     cytoplasm = cyto_ray.mean(1)  # (K,)
     # Fine DAB profile across the cell edge on every ray: its peak is the membrane, and its
     # centroid says on which side of the shared edge the stain lies.
-    prof = _edge_profile(maps, meas_mpp, rays.tile, rays.yx_um, dirs, edge_cell)  # (K, A, P)
+    prof = _edge_profile(maps, meas_mpp, tile, yx, dirs, ec)  # (K, A, P)
     off = torch.tensor(EDGE_OFFSETS_UM, device=dev)
     own = (off >= -MEMBRANE_IN_UM) & (off <= MEMBRANE_OUT_UM)
     mem_ray = prof[..., own].amax(2)
@@ -348,14 +360,13 @@ def measure_compartments(
     # cell edge - 1.5] um, or the whole cytoplasm when that is empty.
     i0, i1 = _band(torch.maximum(ec - 3.0, en + 0.5), ec - 1.5, s)
     count = torch.arange(s + 1, device=dev, dtype=rays.dab.dtype)
-    inner_ray = torch.where(i1 > i0, _band_mean(_prefix(rays.dab), count, i0, i1), cyto_ray)
+    inner_ray = torch.where(i1 > i0, _band_mean(_prefix(dab), count, i0, i1), cyto_ray)
     stained = (mem_ray >= membrane_cut) & (mem_ray - inner_ray >= ridge_od)
     stained &= centroid <= max_offset_um
     coverage = stained.float().mean(1)
     membrane = mem_ray.mean(1)
     mstained = _wmean(mem_ray, stained.float(), 1)
-    nucleus = rays.dab_nucleus
-    return Compartments(edge_cell, nucleus, cytoplasm, membrane, mstained, coverage)
+    return Compartments(ec, own_(rays.dab_nucleus), cytoplasm, membrane, mstained, coverage)
 
 
 def _edge_profile(

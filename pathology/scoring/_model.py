@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -197,7 +197,7 @@ class CellScorer(nn.Module):
         conc = deconvolve(tiles, torch.as_tensor(self.log_i0), torch.as_tensor(self.unmix))
         if self.meas_factor > 1:
             # Pool the stain-major (k, N, H, W) storage, keeping that layout (see ``deconvolve``).
-            conc = F.avg_pool2d(conc.transpose(0, 1), self.meas_factor).transpose(0, 1)
+            conc = mean_pool(conc.transpose(0, 1), self.meas_factor).transpose(0, 1)
         return conc
 
     def detect(self, maps: torch.Tensor) -> tuple[Rays, torch.Tensor, torch.Tensor]:
@@ -206,7 +206,7 @@ class CellScorer(nn.Module):
         if self.marker.detection == "haematoxylin+dab":
             det = det + maps[:, 1:2].clamp_min(0)
         if self.det_factor > 1:
-            det = F.avg_pool2d(det, self.det_factor)
+            det = mean_pool(det, self.det_factor)
         with self._step("detect", maps):
             peaks = detect_nuclei(det, self.det_mpp)
         with self._step("rays", maps):
@@ -243,17 +243,28 @@ class CellScorer(nn.Module):
             feats = cell_features(rays, response, radius)
             cls, prob = self.classify(feats)
             keep = (cls != NONE).nonzero(as_tuple=True)[0]
-            rays = _subset(rays, keep, n)
-            cls, prob = cls[keep], prob[keep]
+            rays = _neighbours_among(rays, keep, n)
         with self._step("compartments", tiles):
             body = torch.full_like(rays.area_um2, TUMOR_BODY_UM)
             mean_r = rays.edge_um.mean(1)
             body = torch.where(cls == LYMPHOCYTE, mean_r + THIN_RIM_UM, body)
             body = torch.where(cls == MACROPHAGE, torch.full_like(body, MACROPHAGE_BODY_UM), body)
             body = torch.where(cls == FIBROBLAST, mean_r + THIN_RIM_UM, body)
-            comp = measure_compartments(rays, body, self.membrane_cut, maps, self.meas_mpp)
+            # Only the kept cells centred in the core are reported, so only they are measured;
+            # the halo's cells still shape their edges as neighbours.
+            core = keep[self.in_core(rays.yx_um[keep], hh, ww)]
+            comp = measure_compartments(
+                rays, body, self.membrane_cut, maps, self.meas_mpp, cells=core
+            )
         with self._step("counts", tiles):
-            return self._score(n, hh, ww, rays, cls, prob, comp)
+            return self._score(n, rays, cls, prob, comp, core)
+
+    def in_core(self, yx_um: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
+        """Cells (K, 2 um) centred in the core ``[halo, H - halo)`` of an (hh, ww) input tile."""
+        halo = self.halo_px
+        y = yx_um[:, 0] / self.mpp - 0.5
+        x = yx_um[:, 1] / self.mpp - 0.5
+        return (y >= halo - 0.5) & (y < hh - halo - 0.5) & (x >= halo - 0.5) & (x < ww - halo - 0.5)
 
     def _rule(
         self, group: str, comp: Compartments, sel: torch.Tensor
@@ -287,18 +298,20 @@ class CellScorer(nn.Module):
     def _score(
         self,
         n: int,
-        hh: int,
-        ww: int,
         rays: Rays,
         cls: torch.Tensor,
         prob: torch.Tensor,
         comp: Compartments,
+        core: torch.Tensor,
     ) -> ScoredBatch:
+        """Counts and records of the core cells ``core`` (indices into ``rays``; ``comp`` holds
+        their compartments, in that order)."""
         dev = cls.device
         halo = self.halo_px
-        y = rays.yx_um[:, 0] / self.mpp - 0.5
-        x = rays.yx_um[:, 1] / self.mpp - 0.5
-        core = (y >= halo - 0.5) & (y < hh - halo - 0.5) & (x >= halo - 0.5) & (x < ww - halo - 0.5)
+        cls, prob = cls[core], prob[core]
+        tile = rays.tile[core]
+        y = rays.yx_um[core, 0] / self.mpp - 0.5
+        x = rays.yx_um[core, 1] / self.mpp - 0.5
         tum_pos, tum_val = self._rule("tumor", comp, cls)
         imm_pos, imm_val = self._rule("immune", comp, cls)
         is_t = cls == TUMOR
@@ -307,7 +320,6 @@ class CellScorer(nn.Module):
         scored = torch.where(is_t, tum_val, torch.where(is_i, imm_val, torch.zeros_like(tum_val)))
         edges = torch.tensor(self.marker.intensity_bins, device=dev)
         ibin = torch.bucketize(scored, edges, right=True)
-        tile = rays.tile
         cols = [
             is_t,
             is_t & positive,
@@ -323,27 +335,25 @@ class CellScorer(nn.Module):
         ]
         counts = torch.zeros((n, len(cols)), dtype=torch.int64, device=dev)
         for j, m in enumerate(cols):
-            sel = m & core
-            counts[:, j] = torch.bincount(tile[sel], minlength=n)
-        idx = core.nonzero(as_tuple=True)[0]
+            counts[:, j] = torch.bincount(tile[m], minlength=n)
         cells = {
-            "tile": tile[idx],
-            "x": x[idx] - halo,
-            "y": y[idx] - halo,
-            "type": cls[idx].clamp(max=FIBROBLAST),
-            "type_prob": prob[idx],
-            "nucleus_dab": comp.nucleus[idx],
-            "cytoplasm_dab": comp.cytoplasm[idx],
+            "tile": tile,
+            "x": x - halo,
+            "y": y - halo,
+            "type": cls.clamp(max=FIBROBLAST),
+            "type_prob": prob,
+            "nucleus_dab": comp.nucleus,
+            "cytoplasm_dab": comp.cytoplasm,
             "membrane_dab": torch.where(
                 comp.membrane_coverage > 0,
                 comp.membrane_stained,
                 comp.membrane,
-            )[idx],
-            "membrane_coverage": comp.membrane_coverage[idx],
-            "scored_dab": scored[idx],
-            "intensity_bin": ibin[idx],
-            "positive": positive[idx],
-            "nucleus_area_um2": rays.area_um2[idx],
+            ),
+            "membrane_coverage": comp.membrane_coverage,
+            "scored_dab": scored,
+            "intensity_bin": ibin,
+            "positive": positive,
+            "nucleus_area_um2": rays.area_um2[core],
         }
         return ScoredBatch(counts=counts, cells=cells)
 
@@ -353,28 +363,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _subset(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
-    """Rays of the kept cells, with neighbours recomputed among them only."""
-    tile = rays.tile[keep]
-    yx = rays.yx_um[keep]
-    nb_index, nb_dist, density = _neighbours(tile, yx, n_tiles)
-    return Rays(
-        tile=tile,
-        yx_um=yx,
-        h=rays.h[keep],
-        dab=rays.dab[keep],
-        t_um=rays.t_um,
-        edge_um=rays.edge_um[keep],
-        area_um2=rays.area_um2[keep],
-        elongation=rays.elongation[keep],
-        h_nucleus=rays.h_nucleus[keep],
-        h_around=rays.h_around[keep],
-        dab_nucleus=rays.dab_nucleus[keep],
-        dab_wcum=rays.dab_wcum[keep],
-        density=density,
-        nb_index=nb_index,
-        nb_dist_um=nb_dist,
-    )
+def _neighbours_among(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
+    """``rays`` with each kept cell's neighbours and density recomputed among the kept cells
+    ``keep`` only (indices into ``rays``; other cells' rows: no neighbours). The ray samples are
+    not copied."""
+    nb, dist, density = _neighbours(rays.tile[keep], rays.yx_um[keep], n_tiles)
+    k = rays.tile.numel()
+    nb_index = torch.full((k, nb.shape[1]), -1, dtype=nb.dtype, device=nb.device)
+    nb_index[keep] = torch.where(nb >= 0, keep[nb.clamp_min(0)], nb)
+    nb_dist = torch.full((k, dist.shape[1]), math.inf, dtype=dist.dtype, device=dist.device)
+    nb_dist[keep] = dist
+    dens = torch.zeros(k, dtype=density.dtype, device=density.device)
+    dens[keep] = density
+    return replace(rays, nb_index=nb_index, nb_dist_um=nb_dist, density=dens)
+
+
+def mean_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``factor`` x ``factor`` mean pooling of (..., H, W), dropping a remainder row or column as
+    ``avg_pool2d`` does (equal to it up to float rounding).
+
+    Powers of two pool by halving: adjacent columns, then adjacent rows, each a sum of two views
+    of contiguous memory, five times faster than ``avg_pool2d`` with stride 2 on the CPU.
+    """
+    if factor == 1:
+        return x
+    if factor & (factor - 1):
+        lead = x.shape[:-2]
+        pooled = F.avg_pool2d(x.reshape(-1, 1, *x.shape[-2:]), factor)
+        return pooled.view(*lead, *pooled.shape[-2:])
+    while factor > 1:
+        lead, (h, w) = x.shape[:-2], x.shape[-2:]
+        h2, w2 = h // 2, w // 2
+        cols = x[..., : 2 * h2, : 2 * w2].reshape(-1, 2 * h2, w2, 2)
+        pairs = (cols[..., 0] + cols[..., 1]).view(-1, h2, 2, w2)
+        x = (pairs[:, :, 0] + pairs[:, :, 1]).mul_(0.25).view(*lead, h2, w2)
+        factor //= 2
+    return x
 
 
 def halo_for(mpp: float) -> int:
