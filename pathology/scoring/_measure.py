@@ -398,12 +398,14 @@ def sample_points(
 ) -> torch.Tensor:
     """Bilinear samples of ``maps`` (N, C, H, W) at ``centre_um + offset_um``: centres (K, 2) in um
     from the top-left corner of tile ``tile`` (K,), offsets (M, 2) shared by all items or (K, M, 2);
-    returns (K, C, M).
+    returns (K, C, M), a transposed view of channel-major (C, K, M) storage.
 
     Points are clamped to their own tile (border padding), then all tiles are sampled as one tall
-    (C, N*H, W) image in one ``grid_sample`` call (the points split into one part per CPU thread):
-    no padded per-tile grid and no gather afterwards. Stain-major maps (see :func:`deconvolve`)
-    are viewed that way without a copy.
+    (C, N*H, W) image (stain-major maps, see :func:`deconvolve`, are viewed that way without a
+    copy): no padded per-tile grid and no gather afterwards. The CPU ``grid_sample`` runs one
+    thread per batch item, so the work is split into batch items: one per channel when there are
+    at least as many channels as threads (the output is then channel-major as it comes), else
+    the points are split into one part per thread.
     """
     import torch
     import torch.nn.functional as F
@@ -411,38 +413,46 @@ def sample_points(
     n_tiles, c, hh, ww = maps.shape
     k = centre_um.shape[0]
     m = offset_um.shape[-2]
+    dt, dev = maps.dtype, maps.device
     tall = maps.transpose(0, 1)
-    tall = (tall if tall.is_contiguous() else tall.contiguous()).view(1, c, n_tiles * hh, ww)
-    # Normalised coordinates for align_corners=True (-1 / +1 = centres of the first / last pixel)
-    # of the tall image, where tile t occupies rows [t H, (t + 1) H). Clamping each point to
-    # its own tile's pixel centres is padding_mode="border" per tile; every scale and shift is
-    # folded into the centres and the clamp bounds, so each plane takes one add and one clamp.
+    tall = (tall if tall.is_contiguous() else tall.contiguous()).view(c, 1, n_tiles * hh, ww)
+    # Normalised (x, y) coordinates for align_corners=True (-1 / +1 = centres of the first / last
+    # pixel) of the tall image, where tile t occupies rows [t H, (t + 1) H). Clamping y to each
+    # point's own tile's pixel centres is padding_mode="border" per tile; x needs no clamp, the
+    # tall image's own border is every tile's. Each plane takes one add (y also one clamp) and
+    # one stack interleaves them.
     sx = 2.0 / max(ww - 1, 1) / meas_mpp
     sy = 2.0 / max(n_tiles * hh - 1, 1) / meas_mpp
-    half_px_x, half_px_y = 0.5 * meas_mpp * sx, 0.5 * meas_mpp * sy
-    lo_y = (tile.to(maps.dtype) * (hh * meas_mpp * sy) - 1.0).view(-1, 1)
-    hi_y = lo_y + (hh - 1) * meas_mpp * sy
-    cx = (centre_um[:, 1] * sx - (1.0 + half_px_x)).view(-1, 1)
-    cy = (centre_um[:, 0] * sy - half_px_y).view(-1, 1) + lo_y
-    gx = torch.add(cx, offset_um[..., 1] * sx).clamp_(-1.0, 1.0)
+    top = (tile.to(dt) * (hh * meas_mpp * sy) - 1.0).view(-1, 1)  # first row of each tile
+    bottom = top + (hh - 1) * meas_mpp * sy
+    cx = ((centre_um[:, 1] - 0.5 * meas_mpp) * sx - 1.0).view(-1, 1)
+    cy = (centre_um[:, 0] - 0.5 * meas_mpp).view(-1, 1) * sy + top
+    gx = torch.add(cx, offset_um[..., 1] * sx)
     gy = torch.add(cy, offset_um[..., 0] * sy)
-    gy = torch.minimum(torch.maximum(gy, lo_y, out=gy), hi_y, out=gy)
-    # Interleave as (x, y): copying each plane into a strided view is several times faster on the
-    # CPU than torch.stack. The CPU grid_sample runs one thread per batch item, so the points are
-    # split into one part per thread against the same tall image (expanded: no copy).
-    parts = torch.get_num_threads() if maps.device.type == "cpu" else 1
+    gy = torch.minimum(torch.maximum(gy, top, out=gy), bottom, out=gy)
+    threads = torch.get_num_threads() if dev.type == "cpu" else 1
+    parts = 1 if c >= threads else threads
     total = k * m
-    per = max(1, -(-total // parts))
-    grid = torch.empty((parts * per, 2), dtype=maps.dtype, device=maps.device)
+    per = -(-total // parts) if total else 0
+    grid = torch.empty((parts * per, 2), dtype=dt, device=dev)
     grid[total:] = 0.0
-    grid[:total, 0].view(k, m).copy_(gx)
-    grid[:total, 1].view(k, m).copy_(gy)
+    torch.stack([gx, gy], -1, out=grid[:total].view(k, m, 2))
+    if parts == 1:
+        # One batch item per channel, all sharing the grid (expanded: no copy).
+        samp = F.grid_sample(
+            tall,
+            grid.view(1, 1, total, 2).expand(c, -1, -1, -1),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=True,
+        )  # (C, 1, 1, K*M)
+        return samp.view(c, k, m).transpose(0, 1)
     samp = F.grid_sample(
-        tall.expand(parts, -1, -1, -1),
+        tall.view(1, c, n_tiles * hh, ww).expand(parts, -1, -1, -1),
         grid.view(parts, 1, per, 2),
         mode="bilinear",
         padding_mode="border",
         align_corners=True,
     )  # (parts, C, 1, per)
-    flat = samp.squeeze(2).transpose(0, 1).reshape(c, parts * per)[:, :total]
-    return flat.view(c, k, m).transpose(0, 1)
+    flat = samp.view(parts * per) if c == 1 else samp.transpose(0, 1).reshape(c, parts * per)
+    return flat.view(c, parts * per)[:, :total].view(c, k, m).transpose(0, 1)
