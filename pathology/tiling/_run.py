@@ -131,14 +131,16 @@ def _tile_shard(
             failed.append(f"tile row {row}, col {col}: {exc}")
             continue
         block[y - y0 : y - y0 + bh, x - x0 : x - x0 + bw] = tile
-    store.image[:, y0:y1, x0:x1] = block.transpose(2, 0, 1)
+    # Zarr writes a contiguous (c, y, x) block about twice as fast as a transposed view (it copies
+    # every chunk out of a strided source), so transpose once here.
+    store.image[:, y0:y1, x0:x1] = np.ascontiguousarray(block.transpose(2, 0, 1))
     level_block = block
     for lvl in range(1, PYRAMID_LEVELS + 1):
         level_block = block_mean(level_block, 2)
         ly0, lx0 = y0 >> lvl, x0 >> lvl
         store.group[str(lvl)][
             :, ly0 : ly0 + level_block.shape[0], lx0 : lx0 + level_block.shape[1]
-        ] = level_block.transpose(2, 0, 1)
+        ] = np.ascontiguousarray(level_block.transpose(2, 0, 1))
     store.mark_shard(shard_rc, 2 if failed else 1)
     return len(tiles_rc), failed
 
