@@ -332,7 +332,7 @@ def test_real_ki67_cross_scanner_agreement(os2_batch: dict[str, dict[str, str]])
     Hamamatsu / Olympus scans. The Olympus cell count clears 900 by only 2 %: both scans still
     find fewer cells than QuPath. The index is over tumour cells while QuPath's counts every cell;
     over every kept cell it reads 20.0 / 20.8 %, because many brown nuclei are typed lymphocyte
-    (their haematoxylin under DAB unmixes to ~0, so their outline is small and dark).
+    (their haematoxylin under DAB unmixes to ~0, so their outline collapses to a small core).
     """
     ndpi, vsi = (os2_batch[s] for s in ("OS-2-ndpi", "OS-2-vsi"))
     a, b = float(ndpi["positive_pct"]), float(vsi["positive_pct"])
