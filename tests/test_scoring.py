@@ -156,13 +156,18 @@ def test_stain_estimation_recovers_shifted_vectors() -> None:
 
 
 def test_pale_counterstain_is_rescaled_per_slide_and_dab_is_not() -> None:
-    """A slide with half the haematoxylin (a pale counterstain) gets its haematoxylin scaled back
-    into the classifier's range by the stain estimate; a synthetic slide keeps factor 1; DAB is
-    never rescaled."""
+    """A slide with half the haematoxylin (a pale counterstain) gets its haematoxylin scaled to the
+    median of the classifier's training slides by the stain estimate; a synthetic slide keeps
+    factor 1; DAB is never rescaled."""
     from dataclasses import replace
 
     from pathology.scoring import load_model
-    from pathology.scoring._stains import H_P99_RANGE, StainEstimate, counterstain_scale
+    from pathology.scoring._stains import (
+        H_P99_RANGE,
+        H_P99_REFERENCE,
+        StainEstimate,
+        counterstain_scale,
+    )
     from pathology.stain import H_DAB
 
     p = SynthParams.preset("ki67", width=768, height=768, mpp=0.5, seed=12)
@@ -182,8 +187,8 @@ def test_pale_counterstain_is_rescaled_per_slide_and_dab_is_not() -> None:
     )
     assert H_P99_RANGE[0] <= p99 <= H_P99_RANGE[1]
     assert 0.45 * p99 <= pale_p99 <= 0.65 * p99  # about half: fewer pale pixels pass H > 0.05
-    # Brought back to the lower end of the classifier's range, not further.
-    assert pale_est.h_scale == pytest.approx(H_P99_RANGE[0] / pale_p99, rel=0.02)
+    # Brought to the median of the classifier's training slides (not just into its range).
+    assert pale_est.h_scale == pytest.approx(H_P99_REFERENCE / pale_p99, rel=0.02)
     assert StainEstimate.from_dict(pale_est.to_dict()) == pale_est
     ref = load_model("ki67", 0.5, stains=replace(pale_est, h_scale=1.0), device="cpu")
     scaled = load_model("ki67", 0.5, stains=pale_est, device="cpu")
@@ -385,26 +390,34 @@ def _deepliif_cases() -> list[tuple[str, np.ndarray, object]]:
 @pytest.mark.realdata
 @pytest.mark.xfail(
     strict=True,
-    reason="with the cell-type model refitted on size-varied synthetic cells, fewer real nuclei are "
-    "typed `none` but the targets are still missed (cells / GT, positive % / GT at 0.25 um/px: Lung1 "
-    "41/61, 29.3/18.0; 22_2 110/137, 10.0/7.3; 34_3 130/100, 36.9/21.0; 6_2 77/46, 44.2/47.8): pale "
-    "Lung1 nuclei still go to `none`, pale-brown smudges count as positive nuclei on 34_3, and 6_2's "
-    "unannotated stromal nuclei are counted",
+    reason="with the haematoxylin scaled to the training slides' median 99th percentile (cells / GT, "
+    "positive % / GT at 0.25 um/px): Lung1 52/61, 23.1/18.0; BCData tumour + immune cells 22_2 "
+    "115/137, 9.6/7.3 (met); 34_3 142/100, 35.9/21.0; 6_2 82/46, 42.7/47.8. Lung1: some pale nuclei "
+    "still typed `none` and granular positive cells detected twice; 34_3: brown granular cells the "
+    "annotators left unlabelled are detected and read positive; 6_2: unlabelled stroma and pale "
+    "texture typed tumour / macrophage",
 )
 def test_deepliif_ki67_targets() -> None:
-    # What the masks count: Lung1's mask (DeepLIIF's own co-registered mpIF truth) outlines every
-    # nucleus; the BCData tiles (22_2, 34_3, 6_2) were annotated for the Ki-67 index, and on 6_2
-    # the spindle stromal nuclei between the tumour cells carry no label (22_2 and 34_3 are nearly
-    # all tumour). The test counts every cell the scorer keeps (all types but `none`), not
-    # `tumor_cells`: on real tiles the tumour / macrophage split is not reliable yet (22_2: 52
-    # tumour, 49 macrophage, all tumour by eye), so restricting to tumour cells would measure the
-    # typing, not the detection and positivity the targets are about. On 6_2 that counts stroma.
-    for _, img, gt in _deepliif_cases():
-        res = score_image(img, "ki67", mpp=0.25, device="cpu")
-        n = len(res.cells["x"])
-        pos = 100 * float(np.mean(res.cells["nucleus_dab"] >= 0.2)) if n else 0.0
-        assert abs(n - gt.n_cells) <= 0.2 * gt.n_cells
-        assert abs(pos - gt.percent_positive) <= 5.0
+    # What the masks count, and so what is compared with them:
+    # - Lung1's mask (DeepLIIF's own co-registered mpIF truth) outlines every nucleus, stroma
+    #   included: every cell the scorer keeps (all types but `none`) is counted.
+    # - The BCData tiles (22_2, 34_3, 6_2) label tumour nuclei only (BCData annotated positive and
+    #   negative tumour cells); 6_2's spindle stromal nuclei carry no label. Counted: cells typed
+    #   tumour, lymphocyte or macrophage (the `tumor_cells + immune_cells` of the slide table, as
+    #   in the OS-2 test), i.e. all kept cells but those typed `other` (spindle / fibroblast).
+    #   Not `tumor_cells` alone: on these tiles brown tumour nuclei are mostly typed lymphocyte or
+    #   macrophage (22_2: 45 tumour, 61 macrophage, all tumour by eye), so that would measure the
+    #   tumour / immune split, not the detection and positivity the targets are about. 22_2 meets
+    #   the targets and 6_2 misses them either way (all kept cells: 119 and 109).
+    # Positive: nucleus DAB >= 0.2 OD (the Ki-67 cut), over the same cells.
+    for name, img, gt in _deepliif_cases():
+        c = score_image(img, "ki67", mpp=0.25, device="cpu").cells
+        other = 3  # cell type codes: 0 tumour, 1 lymphocyte, 2 macrophage, 3 other
+        counted = np.ones(len(c["x"]), bool) if name == "Lung1" else c["type"] != other
+        n = int(counted.sum())
+        pos = 100 * float(np.mean(c["nucleus_dab"][counted] >= 0.2)) if n else 0.0
+        assert abs(n - gt.n_cells) <= 0.2 * gt.n_cells, (name, n, gt.n_cells)
+        assert abs(pos - gt.percent_positive) <= 5.0, (name, pos, gt.percent_positive)
 
 
 def test_host_allocator_tuning_is_opt_out(monkeypatch) -> None:
