@@ -148,6 +148,13 @@ def test_bench_measures_every_stage_on_the_same_tiles(
         assert 0 < data[f"{stage}_model_busy_pct"] <= 100, stage
     assert data["end_to_end_split_s"]["scoring_model"] <= data["end_to_end_split_s"]["scoring"]
     assert "model busy (share of each stage's wall time): scoring" in stdout
+    # Cost model: once per slide + tiles / the tiling-and-scoring rate, adding up to the run.
+    for stage in ("end_to_end", "end_to_end_no_store"):
+        split, fixed, rate = (data[f"{stage}_{k}"] for k in ("split_s", "per_slide_s", "tile_rate"))
+        assert rate == pytest.approx(data["tiles"] / (split["tiling"] + split["scoring"]), rel=0.01)
+        assert fixed + data["tiles"] / rate == pytest.approx(data["seconds"][stage], rel=0.01)
+        assert fixed >= split["stains"] + split["outputs"] - 0.01, stage
+    assert "cost per slide (once per slide + tiling and scoring): end_to_end" in stdout
 
 
 def test_bench_stages_pick_what_runs(tmp_path: Path) -> None:

@@ -165,6 +165,13 @@ def run(args: argparse.Namespace) -> int:
     ]
     if busy:
         out.print(f"model busy (share of each stage's wall time): {', '.join(busy)}")
+    costs = [
+        f"{name} {data[f'{name}_per_slide_s']:.1f} s + tiles / {data[f'{name}_tile_rate']:,.0f}"
+        for name in ("end_to_end", "end_to_end_no_store")
+        if f"{name}_tile_rate" in data
+    ]
+    if costs:
+        out.print(f"cost per slide (once per slide + tiling and scoring): {'; '.join(costs)}")
     keys = (
         "scheduler",
         "tiling_reader",
