@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pathology.scoring._celltype import CELL_CLASSES, NONE, CellTypeModel, cell_features
+from pathology.scoring._celltype import CELL_CLASSES, FEATURES, NONE, CellTypeModel, cell_features
 from pathology.scoring._markers import MarkerConfig, load_marker
 
 __all__ = ["TrainingCells", "training_cells"]
@@ -72,8 +72,8 @@ def training_cells(
             maps = scorer.stain_maps(t)
             rays, resp, radius = scorer.detect(maps)
             fe = cell_features(rays, resp, radius).numpy()
-            y = rays.yx_um[:, 0].numpy() / mpp - 0.5
-            x = rays.yx_um[:, 1].numpy() / mpp - 0.5
+            y = rays.centre_um[:, 0].numpy() / mpp - 0.5
+            x = rays.centre_um[:, 1].numpy() / mpp - 0.5
             size = t.shape[-1]
             core = (
                 (y >= halo - 0.5)
@@ -98,7 +98,7 @@ def training_cells(
 
 
 def _dummy_types() -> CellTypeModel:
-    c, f = len(CELL_CLASSES), 7
+    c, f = len(CELL_CLASSES), len(FEATURES)
     return CellTypeModel(
         weights=np.zeros((c, f), np.float32),
         bias=np.array([1, 0, 0, 0, 0], np.float32),

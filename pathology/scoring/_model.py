@@ -251,7 +251,14 @@ class CellScorer(nn.Module):
             body = torch.where(cls == LYMPHOCYTE, mean_r + THIN_RIM_UM, body)
             body = torch.where(cls == MACROPHAGE, torch.full_like(body, MACROPHAGE_BODY_UM), body)
             body = torch.where(cls == FIBROBLAST, mean_r + THIN_RIM_UM, body)
-            comp = measure_compartments(rays, body, self.membrane_cut, maps, self.meas_mpp)
+            comp = measure_compartments(
+                rays,
+                body,
+                self.membrane_cut,
+                maps,
+                self.meas_mpp,
+                typical_size=(cls == TUMOR) | (cls == MACROPHAGE),
+            )
         with self._step("counts", tiles):
             return self._score(n, hh, ww, rays, cls, prob, comp)
 
@@ -296,8 +303,8 @@ class CellScorer(nn.Module):
     ) -> ScoredBatch:
         dev = cls.device
         halo = self.halo_px
-        y = rays.yx_um[:, 0] / self.mpp - 0.5
-        x = rays.yx_um[:, 1] / self.mpp - 0.5
+        y = rays.centre_um[:, 0] / self.mpp - 0.5
+        x = rays.centre_um[:, 1] / self.mpp - 0.5
         core = (y >= halo - 0.5) & (y < hh - halo - 0.5) & (x >= halo - 0.5) & (x < ww - halo - 0.5)
         tum_pos, tum_val = self._rule("tumor", comp, cls)
         imm_pos, imm_val = self._rule("immune", comp, cls)
@@ -356,11 +363,12 @@ def _sync(device: torch.device) -> None:
 def _subset(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
     """Rays of the kept cells, with neighbours recomputed among them only."""
     tile = rays.tile[keep]
-    yx = rays.yx_um[keep]
-    nb_index, nb_dist, density = _neighbours(tile, yx, n_tiles)
+    centre = rays.centre_um[keep]
+    nb_index, nb_dist, density = _neighbours(tile, centre, n_tiles)
     return Rays(
         tile=tile,
-        yx_um=yx,
+        yx_um=rays.yx_um[keep],
+        centre_um=centre,
         h=rays.h[keep],
         dab=rays.dab[keep],
         t_um=rays.t_um,
