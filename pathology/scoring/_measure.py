@@ -373,9 +373,13 @@ def measure_compartments(
     # ridge near the typical body radius, wherever the cell's true size puts it.
     edge0 = torch.where(shared, tb_min, cap.expand_as(tb_min))
     if typical_size is not None:
-        free_edge = _free_edge(rays.dab, rays.edge_um, cap + lag, ridge_od) - lag
-        search = ~shared & typical_size.view(-1, 1)
-        edge0 = torch.where(search, torch.minimum(free_edge, cap + FREE_EDGE_OUT_UM), edge0)
+        # Only cells with a ray that meets no neighbour (most cells inside a nest have none).
+        need = (typical_size & ~shared.all(1)).nonzero(as_tuple=True)[0]
+        if need.numel():
+            cap_n, lag_n = cap[need], lag[need]
+            free_edge = _free_edge(rays.dab[need], rays.edge_um[need], cap_n + lag_n, ridge_od)
+            free_edge = torch.minimum(free_edge - lag_n, cap_n + FREE_EDGE_OUT_UM)
+            edge0[need] = torch.where(shared[need], edge0[need], free_edge)
     # At least 0.5 um outside the nucleus, and the ray-frame bands below within the rays.
     edge0 = torch.maximum(edge0, rays.edge_um - lag + 0.5)
     edge0 = torch.minimum(edge0, RAY_MAX_UM - MEMBRANE_OUT_UM - lag.abs().amax(1, keepdim=True))
@@ -467,13 +471,8 @@ def _free_edge(
     win = (idx >= lo_i) & (idx <= hi_i)
     peak, at = dab.masked_fill(~win, -math.inf).max(2)  # (K, A)
     step_in, step_out = round(1.5 / RAY_STEP_UM), round(3.0 / RAY_STEP_UM)
-    ins = torch.stack(
-        [
-            dab.gather(2, (at - j).clamp_min(0).unsqueeze(2)).squeeze(2)
-            for j in range(step_in, step_out + 1)
-        ],
-        0,
-    ).mean(0)
+    back = torch.arange(step_in, step_out + 1, device=dab.device)
+    ins = dab.gather(2, (at.unsqueeze(2) - back).clamp_min(0)).mean(2)
     out = dab.gather(2, (at + step_in).clamp(max=s - 1).unsqueeze(2)).squeeze(2)
     ridge = (peak - ins >= ridge_od) & (peak - out >= ridge_od) & torch.isfinite(peak)
     edge = at.to(dab.dtype) * RAY_STEP_UM + 0.5
