@@ -14,6 +14,10 @@ smaller nuclei (tumour 4.5-10.5 um across instead of 9-14 um), packed closer, wi
 peri-nuclear haematoxylin of crowded tissue. Real Ki-67 tiles at 0.25 um/px (DeepLIIF/BCData, the
 OS-2 osteosarcoma crops) look like that: their nuclei are ~7 um across, and a classifier fitted on
 true-size synthetic cells only typed most of them ``none``.
+
+Each region is unmixed with stain vectors and glass brightness estimated from it, as
+``score_image`` does: the features are optical densities, and a fit on reference vectors and white
+glass is off by the glass's optical density on every slide scored.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "fitted_on": f"synthetic regions {args.size}px, presets {', '.join(PRESETS)}, seeds "
         f"100-{99 + args.train_seeds}; true size at mpp {sorted(set(MPPS))}; lengths shrunk by "
         f"f = {', '.join(str(f) for f in scales if f != 1.0) or 'none'} (rendered at mpp / f, "
-        f"detected at mpp {sorted(set(MPPS_SHRUNK))})",
+        f"detected at mpp {sorted(set(MPPS_SHRUNK))}); stains and glass estimated per region, "
+        "as at scoring",
         "held_out": f"seeds 900-{899 + args.test_seeds}, each scale",
     }
     model = fit_cell_types(xtr, ytr, meta=meta)

@@ -1,8 +1,10 @@
 """Cell typing: a small multinomial logistic regression over nucleus morphology.
 
 Features (all marker-independent, so one fit serves p16, PD-L1 and Ki-67): nucleus area, darkness
-(haematoxylin OD inside and just outside), elongation, LoG response and scale, and local cell
-density (tumour cells sit in packed nests). Classes: tumour, lymphocyte, macrophage, fibroblast
+(haematoxylin OD inside and just outside), elongation, LoG response and scale, local cell
+density (tumour cells sit in packed nests) and the size and darkness of the nearest neighbours'
+nuclei against the cell's own (tumour cells sit among nuclei like their own, macrophages among
+smaller, darker stromal and inflammatory ones). Classes: tumour, lymphocyte, macrophage, fibroblast
 (other) and ``none`` (a detection that is not a nucleus: stroma texture, debris).
 
 The parameters live in ``models/<model>/cell_types.json`` with what they were fitted on; anyone
@@ -48,22 +50,45 @@ FEATURES = (
     "log1p_density",
     "log_response",
     "log_radius_um",
+    "neighbour_log_area_ratio",
+    "neighbour_log_darkness_ratio",
 )
+#: Nearest detections whose nucleus size describes a cell's surroundings.
+CONTEXT_NEIGHBOURS = 4
 
 
 def cell_features(rays: Rays, response: torch.Tensor, radius_um: torch.Tensor) -> torch.Tensor:
-    """(K, len(FEATURES)) float32 feature matrix in :data:`FEATURES` order."""
+    """(K, len(FEATURES)) float32 feature matrix in :data:`FEATURES` order.
+
+    The two ``neighbour_*`` features describe a cell's surroundings against the cell itself: the
+    mean over the :data:`CONTEXT_NEIGHBOURS` nearest detections of the tile of log nucleus area,
+    and of log nuclear haematoxylin, minus the cell's own (0 where it has no neighbour). Tumour
+    cells sit among nuclei like their own; macrophages among smaller, darker lymphocytes and
+    fibroblasts (synthetic slides, mean +- sd: area -0.09 +- 0.23 against -0.52 +- 0.38,
+    darkness 0.09 +- 0.18 against 0.37 +- 0.27). As ratios they do not change with the scan's
+    pixel size or the counterstain's strength.
+    """
     import torch
 
+    log_area = rays.area_um2.clamp_min(1.0).log()
+    log_dark = rays.h_nucleus.clamp_min(1e-3).log()
+    nb = rays.nb_index[:, :CONTEXT_NEIGHBOURS]
+    valid = (nb >= 0).to(log_area.dtype)
+    n_valid = valid.sum(1).clamp_min(1.0)
+    j = nb.clamp_min(0)
+    area_ratio = ((log_area[j] - log_area.unsqueeze(1)) * valid).sum(1) / n_valid
+    dark_ratio = ((log_dark[j] - log_dark.unsqueeze(1)) * valid).sum(1) / n_valid
     return torch.stack(
         [
-            rays.area_um2.clamp_min(1.0).log(),
+            log_area,
             rays.h_nucleus,
             rays.h_around,
             rays.elongation.log(),
             rays.density.log1p(),
             response.clamp_min(1e-4).log(),
             radius_um.log(),
+            area_ratio,
+            dark_ratio,
         ],
         dim=1,
     )

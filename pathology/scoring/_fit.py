@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pathology.scoring._celltype import CELL_CLASSES, NONE, CellTypeModel, cell_features
+from pathology.scoring._celltype import CELL_CLASSES, FEATURES, NONE, CellTypeModel, cell_features
 from pathology.scoring._markers import MarkerConfig, load_marker
+from pathology.scoring._stains import StainEstimate
 
 __all__ = ["TrainingCells", "training_cells"]
 
@@ -43,6 +44,7 @@ def training_cells(
     mpp: float,
     marker: str | os.PathLike[str] | MarkerConfig = "ki67",
     tile_px: int = 256,
+    stains: StainEstimate | str = "estimate",
 ) -> TrainingCells:
     """Detections of ``rgb`` with features and the annotated type they match.
 
@@ -53,18 +55,38 @@ def training_cells(
         Annotated nucleus centres, image pixels (x, y).
     truth_type : array (M,) of str
         One of ``tumor``, ``lymphocyte``, ``macrophage``, ``fibroblast`` per annotation.
+    stains : StainEstimate or {"estimate", "reference"}
+        How the image is unmixed, as in :func:`score_image` (default: estimated from the image,
+        which is what scoring does). Features are optical densities, so a classifier must be
+        fitted on the unmixing it will be used with: reference vectors and white glass on a slide
+        whose glass is 239 shift every haematoxylin feature by ~0.03 OD, and on the synthetic
+        slides that alone turned half the macrophages into tumour cells at scoring time.
     """
     import torch
 
     from pathology.groundtruth import match_cells
-    from pathology.scoring._api import tiles_with_halo
+    from pathology.scoring._api import marker_is_nuclear, tiles_with_halo
     from pathology.scoring._model import CellScorer, halo_for
+    from pathology.scoring._stains import estimate_stains
 
     cfg = load_marker(marker)
+    img = np.asarray(rgb, np.uint8)
+    if isinstance(stains, str):
+        if stains not in ("estimate", "reference"):
+            raise ValueError(
+                f"stains must be 'estimate', 'reference' or a StainEstimate, got {stains!r}"
+            )
+        est = (
+            estimate_stains(img, estimate_dab=not marker_is_nuclear(cfg))
+            if stains == "estimate"
+            else StainEstimate()
+        )
+    else:
+        est = stains
     dummy = _dummy_types()
     halo = halo_for(mpp)
-    scorer = CellScorer(cfg, mpp, dummy, halo_px=halo).eval()
-    tiles, origins = tiles_with_halo(np.asarray(rgb, np.uint8), tile_px, halo)
+    scorer = CellScorer(cfg, mpp, dummy, stains=est, halo_px=halo).eval()
+    tiles, origins = tiles_with_halo(img, tile_px, halo)
     feats, xy = [], []
     with torch.inference_mode():
         for i in range(0, len(tiles), 16):
@@ -72,9 +94,9 @@ def training_cells(
             maps = scorer.stain_maps(t)
             rays, resp, radius = scorer.detect(maps)
             fe = cell_features(rays, resp, radius).numpy()
-            y = rays.yx_um[:, 0].numpy() / mpp - 0.5
-            x = rays.yx_um[:, 1].numpy() / mpp - 0.5
-            core = scorer.in_core(rays.yx_um, t.shape[-2], t.shape[-1]).numpy()
+            y = rays.centre_um[:, 0].numpy() / mpp - 0.5
+            x = rays.centre_um[:, 1].numpy() / mpp - 0.5
+            core = scorer.in_core(rays.centre_um, t.shape[-2], t.shape[-1]).numpy()
             o = origins[i + rays.tile.numpy()]
             feats.append(fe[core])
             xy.append(np.stack([x - halo + o[:, 1], y - halo + o[:, 0]], 1)[core])
@@ -92,7 +114,7 @@ def training_cells(
 
 
 def _dummy_types() -> CellTypeModel:
-    c, f = len(CELL_CLASSES), 7
+    c, f = len(CELL_CLASSES), len(FEATURES)
     return CellTypeModel(
         weights=np.zeros((c, f), np.float32),
         bias=np.array([1, 0, 0, 0, 0], np.float32),

@@ -252,9 +252,15 @@ class CellScorer(nn.Module):
             body = torch.where(cls == FIBROBLAST, mean_r + THIN_RIM_UM, body)
             # Only the kept cells centred in the core are reported, so only they are measured;
             # the halo's cells still shape their edges as neighbours.
-            core = keep[self.in_core(rays.yx_um[keep], hh, ww)]
+            core = keep[self.in_core(rays.centre_um[keep], hh, ww)]
             comp = measure_compartments(
-                rays, body, self.membrane_cut, maps, self.meas_mpp, cells=core
+                rays,
+                body,
+                self.membrane_cut,
+                maps,
+                self.meas_mpp,
+                typical_size=(cls == TUMOR) | (cls == MACROPHAGE),
+                cells=core,
             )
         with self._step("counts", tiles):
             return self._score(n, rays, cls, prob, comp, core)
@@ -310,8 +316,8 @@ class CellScorer(nn.Module):
         halo = self.halo_px
         cls, prob = cls[core], prob[core]
         tile = rays.tile[core]
-        y = rays.yx_um[core, 0] / self.mpp - 0.5
-        x = rays.yx_um[core, 1] / self.mpp - 0.5
+        y = rays.centre_um[core, 0] / self.mpp - 0.5
+        x = rays.centre_um[core, 1] / self.mpp - 0.5
         tum_pos, tum_val = self._rule("tumor", comp, cls)
         imm_pos, imm_val = self._rule("immune", comp, cls)
         is_t = cls == TUMOR
@@ -367,7 +373,7 @@ def _neighbours_among(rays: Rays, keep: torch.Tensor, n_tiles: int) -> Rays:
     """``rays`` with each kept cell's neighbours and density recomputed among the kept cells
     ``keep`` only (indices into ``rays``; other cells' rows: no neighbours). The ray samples are
     not copied."""
-    nb, dist, density = _neighbours(rays.tile[keep], rays.yx_um[keep], n_tiles)
+    nb, dist, density = _neighbours(rays.tile[keep], rays.centre_um[keep], n_tiles)
     k = rays.tile.numel()
     nb_index = torch.full((k, nb.shape[1]), -1, dtype=nb.dtype, device=nb.device)
     nb_index[keep] = torch.where(nb >= 0, keep[nb.clamp_min(0)], nb)
