@@ -348,28 +348,30 @@ def measure_compartments(
 
     _, a, s = rays.h.shape
     dev = rays.h.device
-    # Neighbours are looked up among every cell; everything else is of the measured cells.
-    all_centre, all_body = rays.centre_um, body_radius_um
-    if cells is not None:
-        rays = _rows(rays, cells)
-        body_radius_um = body_radius_um[cells]
-        typical_size = None if typical_size is None else typical_size[cells]
-    k_all = rays.tile.numel()
+    theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
+    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
+
+    def rows(v: torch.Tensor) -> torch.Tensor:
+        """The measured cells' rows of a per-cell tensor (neighbours: looked up in all)."""
+        return v if cells is None else v[cells]
+
+    tile, centre, nb_index, edge_um = (
+        rows(v) for v in (rays.tile, rays.centre_um, rays.nb_index, rays.edge_um)
+    )
+    k_all = tile.numel()
     if k_all == 0:
         z = torch.zeros(0, device=dev)
         return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
-    theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
-    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
-    valid = rays.nb_index >= 0
-    nbi = rays.nb_index.clamp_min(0)
+    ray_dab, dab_wcum, body = rows(rays.dab), rows(rays.dab_wcum), rows(body_radius_um)
+    valid = nb_index >= 0
+    nbi = nb_index.clamp_min(0)
     # Cell edges are found from the outline centres; the ray samples were taken from the detected
     # centres, so band limits on them are moved by each ray's lag (ray frame = centre frame + lag).
-    centre = rays.centre_um
-    lag = rays.lag_um(dirs)  # (K, A)
-    d = all_centre[nbi] - centre.unsqueeze(1)  # (K, n, 2)
+    lag = rows(rays.lag_um(dirs))  # (K, A)
+    d = rays.centre_um[nbi] - centre.unsqueeze(1)  # (K, n, 2)
     d2 = (d**2).sum(-1)
-    rho_i = body_radius_um.view(-1, 1)
-    rho_j = all_body[nbi]
+    rho_i = body.view(-1, 1)
+    rho_j = body_radius_um[nbi]
     proj = torch.einsum("knc,ac->kan", d, dirs)  # (K, A, n)
     num = (d2 + rho_i**2 - rho_j**2).unsqueeze(1)
     tb = torch.where(
@@ -378,66 +380,57 @@ def measure_compartments(
         torch.full_like(proj, math.inf),
     )
     tb_min, slot = tb.min(2)  # (K, A): nearest boundary on each ray and the neighbour it faces
-    cap = body_radius_um.view(-1, 1)
+    cap = body.view(-1, 1)
     shared = tb_min < cap  # the ray ends on an edge shared with a neighbour
     # Rays that end on no neighbour face stroma: there the cell's own stained membrane is the DAB
     # ridge near the typical body radius, wherever the cell's true size puts it.
     edge0 = torch.where(shared, tb_min, cap.expand_as(tb_min))
     if typical_size is not None:
         # Only cells with a ray that meets no neighbour (most cells inside a nest have none).
-        need = (typical_size & ~shared.all(1)).nonzero(as_tuple=True)[0]
+        need = (rows(typical_size) & ~shared.all(1)).nonzero(as_tuple=True)[0]
         if need.numel():
             cap_n, lag_n = cap[need], lag[need]
-            free_edge = _free_edge(rays.dab[need], rays.edge_um[need], cap_n + lag_n, ridge_od)
+            free_edge = _free_edge(ray_dab[need], edge_um[need], cap_n + lag_n, ridge_od)
             free_edge = torch.minimum(free_edge - lag_n, cap_n + FREE_EDGE_OUT_UM)
             edge0[need] = torch.where(shared[need], edge0[need], free_edge)
     # At least 0.5 um outside the nucleus, and the ray-frame bands below within the rays.
-    edge0 = torch.maximum(edge0, rays.edge_um - lag + 0.5)
+    edge0 = torch.maximum(edge0, edge_um - lag + 0.5)
     edge0 = torch.minimum(edge0, RAY_MAX_UM - MEMBRANE_OUT_UM - lag.abs().amax(1, keepdim=True))
     # Fine haematoxylin and DAB profiles across the cell edge on every ray; shared edges are
     # moved onto the counterstained border line.
-    prof = _edge_profile(maps, meas_mpp, rays.tile, centre, dirs, edge0)  # (K, 2, A, P)
+    prof_h, dab = _edge_profile(maps, meas_mpp, tile, centre, dirs, edge0)  # (K, A, P) each
     off = torch.tensor(EDGE_OFFSETS_UM, device=dev)
-    shift = _edge_shift(prof[:, 0], off, slot, shared, proj, d2.sqrt(), nbi.shape[1])
-    shift = torch.maximum(shift, rays.edge_um - lag + 0.5 - edge0)
+    shift = _edge_shift(prof_h, off, slot, shared, proj, d2.sqrt(), nbi.shape[1])
+    shift = torch.maximum(shift, edge_um - lag + 0.5 - edge0)
     shift = torch.minimum(shift, RAY_MAX_UM - RAY_STEP_UM - lag - edge0)
     edge_cell = edge0 + shift
-    en, ec = rays.edge_um, edge_cell + lag  # both in the ray frame
+    en, ec = edge_um, edge_cell + lag  # both in the ray frame
     wpre = _prefix(rays.t_um + RAY_STEP_UM / 2)
     # Cytoplasm: [nucleus edge + 0.75, cell edge - 1] um, or [+ 0.25, cell edge] when that is empty.
     c0, c1 = _band(en + 0.75, ec - 1.0, s)
     f0, f1 = _band(en + 0.25, ec, s)
     has = c1 > c0
-    cyto_ray = _band_mean(rays.dab_wcum, wpre, torch.where(has, c0, f0), torch.where(has, c1, f1))
+    cyto_ray = _band_mean(dab_wcum, wpre, torch.where(has, c0, f0), torch.where(has, c1, f1))
     cytoplasm = cyto_ray.mean(1)  # (K,)
     # The DAB profile's peak next to the (moved) edge is the membrane, and its centroid says on
     # which side of the shared edge the stain lies. Offsets from the moved edge: off - shift.
-    dab = prof[:, 1]
     rel = off.view(1, 1, -1) - shift.unsqueeze(2)  # (K, A, P)
-    own = (rel >= -MEMBRANE_IN_UM) & (rel <= MEMBRANE_OUT_UM)
-    mem_ray = dab.masked_fill(~own, -math.inf).amax(2)
+    inside = (rel >= -MEMBRANE_IN_UM) & (rel <= MEMBRANE_OUT_UM)
+    mem_ray = dab.masked_fill(~inside, -math.inf).amax(2)
     excess = (dab - dab.amin(2, keepdim=True)).clamp_min(0)
     centroid = _wmean(rel, excess, 2)
     # Cytoplasm just inside the membrane, unweighted: [max(cell edge - 3, nucleus edge + 0.5),
     # cell edge - 1.5] um, or the whole cytoplasm when that is empty.
     i0, i1 = _band(torch.maximum(ec - 3.0, en + 0.5), ec - 1.5, s)
-    count = torch.arange(s + 1, device=dev, dtype=rays.dab.dtype)
-    inner_ray = torch.where(i1 > i0, _band_mean(_prefix(rays.dab), count, i0, i1), cyto_ray)
+    count = torch.arange(s + 1, device=dev, dtype=ray_dab.dtype)
+    inner_ray = torch.where(i1 > i0, _band_mean(_prefix(ray_dab), count, i0, i1), cyto_ray)
     stained = (mem_ray >= membrane_cut) & (mem_ray - inner_ray >= ridge_od)
     stained &= centroid <= max_offset_um
     coverage = stained.float().mean(1)
     membrane = mem_ray.mean(1)
     mstained = _wmean(mem_ray, stained.float(), 1)
-    nucleus = rays.dab_nucleus
+    nucleus = rows(rays.dab_nucleus)
     return Compartments(edge_cell, nucleus, cytoplasm, membrane, mstained, coverage)
-
-
-def _rows(rays: Rays, idx: torch.Tensor) -> Rays:
-    """The per-cell fields of cells ``idx`` (``t_um`` is shared); neighbour indices stay global."""
-    from dataclasses import fields, replace
-
-    per_cell = {f.name: getattr(rays, f.name)[idx] for f in fields(rays) if f.name != "t_um"}
-    return replace(rays, **per_cell)
 
 
 def _edge_profile(
@@ -447,8 +440,8 @@ def _edge_profile(
     yx_um: torch.Tensor,
     dirs: torch.Tensor,
     edge_um: torch.Tensor,
-) -> torch.Tensor:
-    """Haematoxylin and DAB at ``EDGE_OFFSETS_UM`` around each ray's cell edge: (K, 2, A, P)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Haematoxylin and DAB at ``EDGE_OFFSETS_UM`` around each ray's cell edge: (K, A, P) each."""
     import torch
 
     k_all, a = edge_um.shape
@@ -456,8 +449,9 @@ def _edge_profile(
     p = off.numel()
     t = edge_um.unsqueeze(2) + off.view(1, 1, -1)  # (K, A, P)
     offsets = (t.unsqueeze(3) * dirs[None, :, None, :]).reshape(k_all, a * p, 2)
-    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)
-    return samp.reshape(k_all, 2, a, p)
+    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*P), channel-major
+    h, dab = samp.transpose(0, 1).reshape(2, k_all, a, p)
+    return h, dab
 
 
 def _free_edge(
