@@ -179,13 +179,13 @@ def run_demo(
     jobs = [
         SlideJob(slide_id=sid, path=svs, marker=truth.marker) for sid, svs, truth, *_ in prepared
     ]
-    # Slides synthesised anew replace the previous run's results; reused ones keep theirs.
-    overwrite_results = overwrite or not all(item[5] for item in prepared)
+    # The folder is the demo's own (claimed above): results made with other settings (a slide
+    # synthesised anew, another model or engine version) are replaced; up-to-date ones are reused.
     batch = score_slides(
         jobs,
         root,
         ScoreSettings(device=device),
-        overwrite=overwrite_results,
+        overwrite=True,
         progress=batch_progress,
     )
     if batch.failures:

@@ -201,7 +201,7 @@ def test_bad_inputs_fail_alone_with_one_line_each(batch: dict[str, Any]) -> None
 
 
 def test_rerun_skips_finished_and_refuses_changed_settings(
-    batch: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    batch: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = batch["out"]
     before = (out / "slides.csv").read_text()
@@ -219,6 +219,30 @@ def test_rerun_skips_finished_and_refuses_changed_settings(
     assert main([*argv, "--workers", "1"]) == 1
     assert "other settings (min_tissue was 0.25, now 0.5)" in capsys.readouterr().err
     assert (out / "p16-pos" / "slide.json").stat().st_mtime_ns == stamps["p16-pos"]
+
+    # A refitted model or a changed scoring engine: the old results are stale, never reused.
+    import pathology.scoring._api as api
+
+    monkeypatch.setattr(api, "_fingerprint", lambda files: "0" * 64)
+    argv = ["score", str(slide), "--marker", "p16", "--out", str(out), "--workers", "1"]
+    assert main(argv) == 1
+    assert "the model or scoring engine changed: model_sha256 was " in capsys.readouterr().err
+    assert (out / "p16-pos" / "slide.json").stat().st_mtime_ns == stamps["p16-pos"]
+
+
+def test_model_fingerprint_follows_the_fitted_parameters(tmp_path: Path) -> None:
+    import shutil
+
+    from pathology.scoring import model_dir, model_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(model_dir(), a)
+    shutil.copytree(model_dir(), b)
+    assert model_fingerprint(a) == model_fingerprint(b) == model_fingerprint()
+    params = b / "cell_types.json"
+    params.write_text(params.read_text().replace("0", "1", 1))
+    assert model_fingerprint(b) != model_fingerprint(a)
+    assert len(model_fingerprint(a)) == 64
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -160,13 +160,17 @@ def _key(job: SlideJob, settings: ScoreSettings, marker_sha: str, marker: str) -
     """What determines a slide's results: a finished slide with another key is not reused.
 
     ``settings.store`` is left out on purpose: with or without a store the tiles have the same
-    pixels, so the results (and the part files of an interrupted run) are the same."""
+    pixels, so the results (and the part files of an interrupted run) are the same. The model's
+    fingerprint is in: results of a refitted or changed model are never reused."""
+    from pathology.scoring import model_fingerprint
+
     return {
         "path": str(job.path.resolve()),
         "file": file_fingerprint(job.path),
         "marker": marker,
         "marker_sha256": marker_sha,
         "model": settings.model,
+        "model_sha256": model_fingerprint(settings.model),
         "target_mpp": settings.target_mpp,
         "tile_px": settings.tile_px,
         "min_tissue": settings.min_tissue,
@@ -178,6 +182,9 @@ def _key(job: SlideJob, settings: ScoreSettings, marker_sha: str, marker: str) -
 def _describe(old: dict[str, Any], new: dict[str, Any]) -> str:
     for k in new:
         if old.get(k) != new[k]:
+            if k == "model_sha256":
+                was = str(old.get(k))[:12] if old.get(k) else "not recorded"
+                return f"the model or scoring engine changed: model_sha256 was {was}, now {new[k][:12]}"
             return f"{k} was {old.get(k)!r}, now {new[k]!r}"
     return "settings differ"
 

@@ -7,6 +7,8 @@ cells back into image coordinates.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = [
     "load_model",
     "marker_is_nuclear",
     "model_dir",
+    "model_fingerprint",
     "score_image",
     "score_tiles",
 ]
@@ -50,6 +53,32 @@ def model_dir(model: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         if (root / str(model)).is_dir():
             return root / str(model)
     raise ConfigError(f"unknown model {str(model)!r}: no folder of that name in {_REPO_MODELS}")
+
+
+def model_fingerprint(model: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
+    """SHA-256 of what a model's results depend on: the files of its folder (the fitted
+    parameters) and the source of the scoring engine (``pathology.scoring``, the physics). A
+    finished slide scored under another fingerprint is not reused: a refit or a code change that
+    can move a count makes earlier results stale."""
+    engine = Path(__file__).resolve().parent
+    files = sorted(p for p in model_dir(model).resolve().rglob("*") if p.is_file())
+    files += sorted(engine.glob("*.py"))
+    # Hashed once per version of the files (name, size, modification time).
+    return _fingerprint(tuple((str(f), *_stamp(f)) for f in files))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        f = Path(name)
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
