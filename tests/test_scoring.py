@@ -319,6 +319,31 @@ def test_cell_type_model_refit_and_load(tmp_path) -> None:
         load_cell_types(tmp_path / "bad.json")
 
 
+def test_training_cells_measure_annotated_cells_as_scoring_does() -> None:
+    """The refit path: annotated cells become feature rows with their type, unmixed with the
+    stains estimated from the image (what scoring uses) unless told otherwise."""
+    from pathology.scoring import training_cells
+    from pathology.scoring._celltype import FEATURES, LYMPHOCYTE, MACROPHAGE, NONE, TUMOR
+
+    p = SynthParams.preset("pdl1_cps_ge20", width=768, height=768, mpp=0.5, seed=3)
+    r = render_region(p)
+    xy = np.array([(c.x, c.y) for c in r.truth.cells], np.float64)
+    types = [c.type for c in r.truth.cells]
+    tc = training_cells(r.rgb, xy, types, mpp=0.5, marker="pdl1")
+    assert tc.features.shape == (len(tc.labels), len(FEATURES))
+    assert tc.n_annotated == len(xy) and tc.n_matched >= 0.9 * len(xy)
+    counts = np.bincount(tc.labels, minlength=NONE + 1)
+    assert counts[TUMOR] > 100 and counts[LYMPHOCYTE] > 20 and counts[MACROPHAGE] > 0
+    ref = training_cells(r.rgb, xy, types, mpp=0.5, marker="pdl1", stains="reference")
+    assert not np.allclose(
+        ref.features[:, FEATURES.index("h_nucleus")].mean(),
+        tc.features[:, FEATURES.index("h_nucleus")].mean(),
+        atol=1e-3,
+    )
+    with pytest.raises(ValueError, match="stains must be 'estimate', 'reference'"):
+        training_cells(r.rgb, xy, types, mpp=0.5, marker="pdl1", stains="guess")
+
+
 # -- accuracy against synthetic truth --------------------------------------------------------
 # (preset, seed, overrides): several seeds, stain vectors, intensities and one 40x scan.
 ACCURACY_CASES = [

@@ -243,6 +243,28 @@ def tiles_with_halo(
     return out, origins
 
 
+def image_stains(
+    img: NDArray[np.uint8],
+    stains: StainEstimate | str,
+    marker: str | os.PathLike[str] | MarkerConfig,
+) -> StainEstimate:
+    """The unmixing for an in-memory image: ``"estimate"`` fits the vectors and glass to it
+    (:func:`estimate_stains`; the reference DAB vector is kept for nuclear markers),
+    ``"reference"`` gives the Ruifrok-Johnston vectors and white glass, a :class:`StainEstimate`
+    is used as it is."""
+    from pathology.scoring._stains import estimate_stains
+
+    if not isinstance(stains, str):
+        return stains
+    if stains not in ("estimate", "reference"):
+        raise ValueError(
+            f"stains must be 'estimate', 'reference' or a StainEstimate, got {stains!r}"
+        )
+    if stains == "reference":
+        return StainEstimate()
+    return estimate_stains(img, estimate_dab=not marker_is_nuclear(load_marker(marker)))
+
+
 def score_image(
     rgb: NDArray[np.uint8],
     marker: str | os.PathLike[str] | MarkerConfig,
@@ -262,24 +284,11 @@ def score_image(
     glass; or pass a :class:`StainEstimate` measured elsewhere (e.g. over the whole slide).
     """
     from pathology.scoring._model import halo_for
-    from pathology.scoring._stains import estimate_stains
 
     img = np.asarray(rgb)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) uint8, got {img.shape} {img.dtype}")
-    if isinstance(stains, str):
-        if stains not in ("estimate", "reference"):
-            raise ValueError(
-                f"stains must be 'estimate', 'reference' or a StainEstimate, got {stains!r}"
-            )
-        cfg = load_marker(marker)
-        est = (
-            estimate_stains(img, estimate_dab=not marker_is_nuclear(cfg))
-            if stains == "estimate"
-            else StainEstimate()
-        )
-    else:
-        est = stains
+    est = image_stains(img, stains, marker)
     halo = halo_for(mpp)
     tiles, origins = tiles_with_halo(img, tile_px, halo)
     scorer = load_model(

@@ -65,24 +65,12 @@ def training_cells(
     import torch
 
     from pathology.groundtruth import match_cells
-    from pathology.scoring._api import marker_is_nuclear, tiles_with_halo
+    from pathology.scoring._api import image_stains, tiles_with_halo
     from pathology.scoring._model import CellScorer, halo_for
-    from pathology.scoring._stains import estimate_stains
 
     cfg = load_marker(marker)
     img = np.asarray(rgb, np.uint8)
-    if isinstance(stains, str):
-        if stains not in ("estimate", "reference"):
-            raise ValueError(
-                f"stains must be 'estimate', 'reference' or a StainEstimate, got {stains!r}"
-            )
-        est = (
-            estimate_stains(img, estimate_dab=not marker_is_nuclear(cfg))
-            if stains == "estimate"
-            else StainEstimate()
-        )
-    else:
-        est = stains
+    est = image_stains(img, stains, cfg)
     dummy = _dummy_types()
     halo = halo_for(mpp)
     scorer = CellScorer(cfg, mpp, dummy, stains=est, halo_px=halo).eval()
