@@ -248,7 +248,13 @@ def estimate_stains(
     else:
         rgb_g, bright_g = rgb, bright
     glass = rgb_g[bright_g >= np.quantile(bright_g, 0.99)] if len(rgb_g) else rgb_g
-    if len(rgb) and len(glass) >= 0.005 * len(rgb_g) and glass.min(initial=255) >= 180:
+    # Glass is bright in every channel; a few tinted pixels among the brightest (a speck of
+    # stain, a yellow fibre) must not veto it, so the test is on the 2nd percentile per channel.
+    if (
+        len(rgb)
+        and len(glass) >= 0.005 * len(rgb_g)
+        and float(np.quantile(glass, 0.02, axis=0).min()) >= 180
+    ):
         b0, b1, b2 = (float(np.clip(np.median(glass[:, c]), 180, 255)) for c in range(3))
         bg: tuple[float, float, float] = (b0, b1, b2)
     else:
