@@ -3,6 +3,8 @@ real Ki-67 ground truth (DeepLIIF, from ../shared)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -376,15 +378,71 @@ ACCURACY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("preset", "seed", "over"), ACCURACY_CASES)
-def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict) -> None:
-    kw = {"width": 1280, "height": 1280, "mpp": 0.5, "seed": seed, **over}
+# Cases also scored after the JPEG round trip every slide goes through (q90, YCbCr 4:2:0, encoded
+# as the synthetic SVS writer and scanners do): chroma at half resolution smears DAB one pixel
+# across cell borders, which membrane scoring must survive.
+JPEG_CASES = {
+    ("p16_positive", 1),
+    ("pdl1_cps_ge20", 1),
+    ("pdl1_cps_1_19", 2),
+    ("pdl1_cps_ge20", 6),
+    ("pdl1_cps_ge20", 7),
+    ("ki67", 1),
+}
+JPEG_XFAIL = {
+    ("pdl1_cps_1_19", 2): "(2026-11-24) immune 113/136 after JPEG (raw 125/136): the JPEG "
+    "pixels move the Macenko haematoxylin estimate 1.6 degrees (1.25 from the true vector "
+    "against 0.81 raw) and ~10 large negative lymphocytes (nuclei 31-47 um2, h_nucleus 0.03 "
+    "lower) cross to tumour; with the raw image's stain estimate the JPEG image reads 125/136. "
+    "Not the membrane cause; TPS 4.4/4.1 and CPS 7.0/7.5 pass",
+}
+
+
+def _accuracy_params() -> list[object]:
+    params: list[object] = []
+    for preset, seed, over in ACCURACY_CASES:
+        params.append(pytest.param(preset, seed, over, False, id=f"{preset}-{seed}-raw"))
+        if (preset, seed) in JPEG_CASES:
+            reason = JPEG_XFAIL.get((preset, seed))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            params.append(
+                pytest.param(preset, seed, over, True, id=f"{preset}-{seed}-jpeg", marks=marks)
+            )
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def _accuracy_render(preset: str, seed: int, over: tuple[tuple[str, object], ...]) -> object:
+    """One render shared by a case's raw and JPEG variants (they run one after the other)."""
+    kw: dict = {"width": 1280, "height": 1280, "mpp": 0.5, "seed": seed, **dict(over)}
     if kw["mpp"] == 0.25:
         kw["width"] = kw["height"] = 2560
     p = SynthParams.preset(preset, **kw)
-    r = render_region(p)
+    return p, render_region(p)
+
+
+def _jpeg_round_trip(rgb: np.ndarray) -> np.ndarray:
+    """Encode as the synthetic SVS writer does (256 px tiles, q90, 4:2:0) and decode."""
+    import imagecodecs
+
+    from pathology.synth._svs import TILE, encode_tiles
+
+    h, w = rgb.shape[:2]
+    assert h % TILE == 0 and w % TILE == 0
+    blobs = iter(encode_tiles(rgb, 90))
+    out = np.empty_like(rgb)
+    for y in range(0, h, TILE):
+        for x in range(0, w, TILE):
+            out[y : y + TILE, x : x + TILE] = imagecodecs.jpeg_decode(next(blobs))
+    return out
+
+
+@pytest.mark.parametrize(("preset", "seed", "over", "jpeg"), _accuracy_params())
+def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jpeg: bool) -> None:
+    p, r = _accuracy_render(preset, seed, tuple(sorted(over.items())))
     v = r.truth.values
-    t = score_image(r.rgb, p.marker, mpp=p.mpp, device="cpu").total()
+    rgb = _jpeg_round_trip(r.rgb) if jpeg else r.rgb
+    t = score_image(rgb, p.marker, mpp=p.mpp, device="cpu").total()
     nt, tp = t["tumor_cells"], t["tumor_positive"]
     assert abs(nt - v.tumor_cells) <= 0.10 * v.tumor_cells
     assert abs(t["immune_cells"] - v.immune_cells) <= 0.10 * v.immune_cells

@@ -50,7 +50,9 @@ DENSITY_RADIUS_UM = 25.0
 MEMBRANE_IN_UM, MEMBRANE_OUT_UM = 1.25, 0.25
 #: Offsets (um) from the cell edge along each ray where the membrane profile is sampled.
 EDGE_OFFSETS_UM = tuple(-1.5 + 0.25 * i for i in range(13))
-MAX_OFFSET_UM = 0.1
+#: A ray's membrane is the cell's own when the DAB this far (um) inside the cell edge is at least
+#: that as far outside (half the ~1 um DAB ring a membrane leaves on each side of a border).
+SIDE_PROBE_UM = 0.5
 #: Largest move (um) from the detected centre to the nucleus outline's centroid.
 MAX_CENTRE_SHIFT_UM = 2.0
 #: Largest move (um) of a shared cell edge onto the counterstained border line, and the most
@@ -315,7 +317,6 @@ def measure_compartments(
     maps: torch.Tensor,
     meas_mpp: float,
     ridge_od: float = 0.04,
-    max_offset_um: float = MAX_OFFSET_UM,
     typical_size: torch.Tensor | None = None,
     cells: torch.Tensor | None = None,
 ) -> Compartments:
@@ -333,9 +334,6 @@ def measure_compartments(
     ridge_od : float
         A stained membrane must also stand this much above the cytoplasm next to it, so brown
         cytoplasm with a pale membrane (PD-L1 cytoplasmic-only staining) is not membrane.
-    max_offset_um : float
-        A ray's membrane stain whose DAB centroid lies further than this outside the cell edge
-        belongs to the neighbour (its own membrane ring is on the other side of the shared edge).
     typical_size : Tensor (K,) bool, optional
         Cells whose body radius is a typical size for their type rather than measured (tumour
         cells, macrophages): on their rays that face stroma the membrane is searched for around
@@ -412,20 +410,28 @@ def measure_compartments(
     has = c1 > c0
     cyto_ray = _band_mean(dab_wcum, wpre, torch.where(has, c0, f0), torch.where(has, c1, f1))
     cytoplasm = cyto_ray.mean(1)  # (K,)
-    # The DAB profile's peak next to the (moved) edge is the membrane, and its centroid says on
-    # which side of the shared edge the stain lies. Offsets from the moved edge: off - shift.
+    # The DAB profile's peak next to the (moved) edge is the membrane. Offsets from the moved
+    # edge: off - shift.
     rel = off.view(1, 1, -1) - shift.unsqueeze(2)  # (K, A, P)
     inside = (rel >= -MEMBRANE_IN_UM) & (rel <= MEMBRANE_OUT_UM)
     mem_ray = dab.masked_fill(~inside, -math.inf).amax(2)
-    excess = (dab - dab.amin(2, keepdim=True)).clamp_min(0)
-    centroid = _wmean(rel, excess, 2)
+    # Which side of the edge the stain lies on: DAB half a ring width inside the edge against the
+    # same distance outside. A neighbour's stained ring is darker outside, the cell's own inside.
+    # Local and without tolerance on purpose. Chroma subsampling (JPEG 4:2:0, as scanners store
+    # slides) smears DAB one pixel each way and turns the lost chroma of a dark ring into
+    # haematoxylin, which pulls the border-line estimate (_edge_shift) ~0.25 um onto a
+    # neighbour's ring; the centroid of the whole profile's DAB excess, with 0.1 um tolerance,
+    # then read that ring as the cell's own (truth-negative cells at 0.2-0.4 coverage). The ring
+    # still keeps the stronger DAB on its own side. A border with both rings stained is even:
+    # one of the two cells claims it, as the centroid test did.
+    own_side = _profile_at(dab, shift - SIDE_PROBE_UM) >= _profile_at(dab, shift + SIDE_PROBE_UM)
     # Cytoplasm just inside the membrane, unweighted: [max(cell edge - 3, nucleus edge + 0.5),
     # cell edge - 1.5] um, or the whole cytoplasm when that is empty.
     i0, i1 = _band(torch.maximum(ec - 3.0, en + 0.5), ec - 1.5, s)
     count = torch.arange(s + 1, device=dev, dtype=ray_dab.dtype)
     inner_ray = torch.where(i1 > i0, _band_mean(_prefix(ray_dab), count, i0, i1), cyto_ray)
     stained = (mem_ray >= membrane_cut) & (mem_ray - inner_ray >= ridge_od)
-    stained &= centroid <= max_offset_um
+    stained &= own_side
     coverage = stained.float().mean(1)
     membrane = mem_ray.mean(1)
     mstained = _wmean(mem_ray, stained.float(), 1)
@@ -452,6 +458,19 @@ def _edge_profile(
     samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*P), channel-major
     h, dab = samp.transpose(0, 1).reshape(2, k_all, a, p)
     return h, dab
+
+
+def _profile_at(prof: torch.Tensor, x_um: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of edge profiles ``prof`` (K, A, P), sampled at ``EDGE_OFFSETS_UM``,
+    at offsets ``x_um`` (K, A) (clamped to the sampled range)."""
+    lo, step = EDGE_OFFSETS_UM[0], EDGE_OFFSETS_UM[1] - EDGE_OFFSETS_UM[0]
+    p = prof.shape[2]
+    f = ((x_um - lo) / step).clamp(0.0, p - 1.0)
+    i0 = f.floor().long().clamp(max=p - 2)
+    w = f - i0
+    a = prof.gather(2, i0.unsqueeze(2)).squeeze(2)
+    b = prof.gather(2, (i0 + 1).unsqueeze(2)).squeeze(2)
+    return a + w * (b - a)
 
 
 def _free_edge(
