@@ -79,8 +79,9 @@ def test_bench_reports_rates_and_ratios(bench_run: tuple[dict[str, Any], str, Pa
     )
     for stage in ("decode", "tiling", "direct_decode"):
         assert data[f"{stage}_tiles_per_s"] > 0
+        # Rounded to 2 decimals (and tiles/s to 1): 0.005 absolute may be over 1 % of a slow rate.
         assert data[f"{stage}_mpix_per_s"] == pytest.approx(
-            data[f"{stage}_tiles_per_s"] * 256 * 256 / 1e6, rel=0.01
+            data[f"{stage}_tiles_per_s"] * 256 * 256 / 1e6, rel=0.01, abs=0.006
         )
     assert data["tiling_vs_decode"] == pytest.approx(
         data["tiling_tiles_per_s"] / data["decode_tiles_per_s"], rel=0.01
@@ -112,10 +113,14 @@ def test_bench_measures_every_stage_on_the_same_tiles(
                 rate / data["decode_tiles_per_s"], rel=0.01, abs=2e-3
             ), stage
         assert stage in stdout
+    peer = data["peer_tiles_per_s"]
     for stage in ("model", "scoring", "end_to_end", "end_to_end_no_store"):
-        assert data[f"{stage}_vs_peer"] == pytest.approx(
-            data[f"{stage}_tiles_per_s"] / data["peer_tiles_per_s"], rel=0.01, abs=0.01
-        ), stage
+        # The JSON ratio comes from unrounded rates and is rounded to 2 decimals; recomputed from
+        # rates rounded to 0.1 tile/s it may differ by the rounding of all three (a slow machine
+        # gives a peer of a few tiles/s, where 0.05 tile/s is over 1 %).
+        ratio = data[f"{stage}_tiles_per_s"] / peer
+        bound = 0.005 + ratio * (0.05 / data[f"{stage}_tiles_per_s"] + 0.05 / peer) + 1e-9
+        assert abs(data[f"{stage}_vs_peer"] - ratio) <= bound, (stage, ratio, bound)
     # Same tiles everywhere: the product path finds the bench's tissue tiles; the model and the
     # peer ran on all of them here (fewer than their sample caps).
     assert data["end_to_end_tiles"] == data["tiles"] == data["end_to_end_no_store_tiles"]
