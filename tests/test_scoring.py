@@ -239,6 +239,46 @@ def test_mean_pool_matches_avg_pool2d(factor: int) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+# -- ray sampling ----------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sample_points_matches_per_tile_grid_sample(threads: int) -> None:
+    """Sampling every tile of a batch as one tall image, split into one batch item per thread,
+    equals ``grid_sample`` on each point's own tile with border padding, for one and two
+    channels and for offsets shared by all centres or given per centre."""
+    import torch.nn.functional as F
+
+    from pathology.scoring._measure import sample_points
+
+    mpp = 0.5
+    g = torch.Generator().manual_seed(5)
+    maps = torch.rand(2, 5, 23, 19, generator=g).transpose(0, 1)  # stain-major, as deconvolved
+    tile = torch.tensor([0, 0, 1, 2, 4, 4, 4])
+    centre = torch.rand(7, 2, generator=g) * torch.tensor([23.0, 19.0]) * mpp
+    shared = (torch.rand(11, 2, generator=g) - 0.5) * 30.0  # (M, 2) um, many outside the tile
+    own = (torch.rand(7, 11, 2, generator=g) - 0.5) * 30.0  # (K, M, 2)
+
+    def want(m: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+        pts = centre.unsqueeze(1) + off.expand(7, -1, -1)  # (K, M, 2) um, (y, x)
+        px = pts / mpp - 0.5
+        size = torch.tensor([m.shape[-2] - 1, m.shape[-1] - 1], dtype=px.dtype)
+        grid = (2 * px / size - 1).flip(-1)  # normalised (x, y)
+        out = F.grid_sample(
+            m[tile], grid.unsqueeze(1), padding_mode="border", align_corners=True
+        )  # (K, C, 1, M)
+        return out[:, :, 0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (maps, maps[:, :1]):
+            for off in (shared, own):
+                got = sample_points(m, mpp, tile, centre, off)
+                assert got.shape == (7, m.shape[1], 11)
+                torch.testing.assert_close(got, want(m, off), rtol=0, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- device ----------------------------------------------------------------------------------
 def test_device_resolution() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"

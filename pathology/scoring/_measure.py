@@ -552,9 +552,9 @@ def sample_points(
     Points are clamped to their own tile (border padding), then all tiles are sampled as one tall
     (C, N*H, W) image (stain-major maps, see :func:`deconvolve`, are viewed that way without a
     copy): no padded per-tile grid and no gather afterwards. The CPU ``grid_sample`` runs one
-    thread per batch item, so the work is split into batch items: one per channel when there are
-    at least as many channels as threads (the output is then channel-major as it comes), else
-    the points are split into one part per thread.
+    thread per batch item and computes each point's corners and weights once for all channels of
+    its item, so every item holds all C channels: one item on one thread (the output is then
+    channel-major as it comes), else the points are split into one item per thread.
     """
     import torch
     import torch.nn.functional as F
@@ -564,44 +564,38 @@ def sample_points(
     m = offset_um.shape[-2]
     dt, dev = maps.dtype, maps.device
     tall = maps.transpose(0, 1)
-    tall = (tall if tall.is_contiguous() else tall.contiguous()).view(c, 1, n_tiles * hh, ww)
+    tall = (tall if tall.is_contiguous() else tall.contiguous()).view(1, c, n_tiles * hh, ww)
     # Normalised (x, y) coordinates for align_corners=True (-1 / +1 = centres of the first / last
     # pixel) of the tall image, where tile t occupies rows [t H, (t + 1) H). Clamping y to each
     # point's own tile's pixel centres is padding_mode="border" per tile; x needs no clamp, the
-    # tall image's own border is every tile's. Each plane takes one add (y also one clamp) and
-    # one stack interleaves them.
+    # tall image's own border is every tile's. Both planes are written in place into the
+    # interleaved grid (a stack of two planes is a slow strided copy).
     sx = 2.0 / max(ww - 1, 1) / meas_mpp
     sy = 2.0 / max(n_tiles * hh - 1, 1) / meas_mpp
     top = (tile.to(dt) * (hh * meas_mpp * sy) - 1.0).view(-1, 1)  # first row of each tile
     bottom = top + (hh - 1) * meas_mpp * sy
     cx = ((centre_um[:, 1] - 0.5 * meas_mpp) * sx - 1.0).view(-1, 1)
     cy = (centre_um[:, 0] - 0.5 * meas_mpp).view(-1, 1) * sy + top
-    gx = torch.add(cx, offset_um[..., 1] * sx)
-    gy = torch.add(cy, offset_um[..., 0] * sy)
-    gy = torch.minimum(torch.maximum(gy, top, out=gy), bottom, out=gy)
     threads = torch.get_num_threads() if dev.type == "cpu" else 1
-    parts = 1 if c >= threads else threads
+    parts = max(1, min(threads, k))
     total = k * m
     per = -(-total // parts) if total else 0
     grid = torch.empty((parts * per, 2), dtype=dt, device=dev)
     grid[total:] = 0.0
-    torch.stack([gx, gy], -1, out=grid[:total].view(k, m, 2))
-    if parts == 1:
-        # One batch item per channel, all sharing the grid (expanded: no copy).
-        samp = F.grid_sample(
-            tall,
-            grid.view(1, 1, total, 2).expand(c, -1, -1, -1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=True,
-        )  # (C, 1, 1, K*M)
-        return samp.view(c, k, m).transpose(0, 1)
+    g = grid[:total].view(k, m, 2)
+    gx, gy = g[..., 0], g[..., 1]
+    torch.add(cx, offset_um[..., 1] * sx, out=gx)
+    torch.add(cy, offset_um[..., 0] * sy, out=gy)
+    torch.clamp(gy, top, bottom, out=gy)
     samp = F.grid_sample(
-        tall.view(1, c, n_tiles * hh, ww).expand(parts, -1, -1, -1),
+        tall.expand(parts, -1, -1, -1),
         grid.view(parts, 1, per, 2),
         mode="bilinear",
         padding_mode="border",
         align_corners=True,
     )  # (parts, C, 1, per)
-    flat = samp.view(parts * per) if c == 1 else samp.transpose(0, 1).reshape(c, parts * per)
-    return flat.view(c, parts * per)[:, :total].view(c, k, m).transpose(0, 1)
+    if parts == 1 or c == 1:
+        flat = samp.view(c, parts * per)
+    else:
+        flat = samp.view(parts, c, per).transpose(0, 1).reshape(c, parts * per)
+    return flat[:, :total].view(c, k, m).transpose(0, 1)
