@@ -75,8 +75,6 @@ class Rays:
     elongation: torch.Tensor  # (K,) major / minor axis, >= 1
     h_nucleus: torch.Tensor  # (K,) mean haematoxylin OD in the nucleus
     h_around: torch.Tensor  # (K,) haematoxylin OD just outside the nucleus
-    dab_nucleus: torch.Tensor  # (K,) mean DAB OD in the nucleus
-    dab_wcum: torch.Tensor  # (K, A, S + 1) prefix sums of DAB x (t + step / 2) along each ray
     density: torch.Tensor  # (K,) other cells within DENSITY_RADIUS_UM
     nb_index: torch.Tensor  # (K, N_NEIGHBOURS) global index of neighbours, -1 = none
     nb_dist_um: torch.Tensor  # (K, N_NEIGHBOURS)
@@ -85,6 +83,21 @@ class Rays:
         """(K, A) how much further along each ray (directions ``dirs`` (A, 2)) a point lies from
         the ray origin than from the outline centre: ``t_origin = t_centre + lag``."""
         return (self.centre_um - self.yx_um) @ dirs.T
+
+    def dab_wcum(self, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, A, S + 1) prefix sums of DAB x (t + step / 2) along each ray of ``cells`` (indices,
+        default all): computed on demand, as only the measured cells need them."""
+        dab = self.dab if cells is None else self.dab[cells]
+        return _prefix(dab * (self.t_um + RAY_STEP_UM / 2))
+
+    def dab_nucleus(
+        self, cells: torch.Tensor | None = None, dab_wcum: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(M,) mean DAB OD in the nucleus of ``cells`` (default all); ``dab_wcum``: their
+        :meth:`dab_wcum`, when already at hand."""
+        edge = self.edge_um if cells is None else self.edge_um[cells]
+        wcum = self.dab_wcum(cells) if dab_wcum is None else dab_wcum
+        return _nucleus_mean(wcum, _prefix(self.t_um + RAY_STEP_UM / 2), edge)
 
 
 @dataclass(frozen=True)
@@ -128,22 +141,40 @@ def _band(lo_um: torch.Tensor, hi_um: torch.Tensor, s: int) -> tuple[torch.Tenso
     return i0, torch.maximum(i0, i1)
 
 
-def _band_sum(prefix: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
-    """Sum over samples [i0, i1) from prefix sums (K, A, S + 1); i0, i1 broadcast to (K, A)."""
+def _band_sum(prefix: torch.Tensor, i0: torch.Tensor | None, i1: torch.Tensor) -> torch.Tensor:
+    """Sum over samples [i0, i1) from prefix sums (K, A, S + 1); i0, i1 broadcast to (K, A);
+    i0 None: from the first sample (prefix 0, no gather)."""
     shape = prefix.shape[:-1]
     hi = prefix.gather(-1, i1.expand(shape).unsqueeze(-1)).squeeze(-1)
+    if i0 is None:
+        return hi
     lo = prefix.gather(-1, i0.expand(shape).unsqueeze(-1)).squeeze(-1)
     return hi - lo
 
 
 def _band_mean(
-    prefix: torch.Tensor, wprefix: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor
+    prefix: torch.Tensor, wprefix: torch.Tensor, i0: torch.Tensor | None, i1: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted mean over samples [i0, i1) from the prefix sums of ``v * w`` (K, A, S + 1) and of
-    the weights (S + 1,); 0 where the band is empty, as :func:`_wmean` gives."""
+    """Weighted mean over samples [i0, i1) (i0 None: from 0) from the prefix sums of ``v * w``
+    (K, A, S + 1) and of the weights (S + 1,); 0 where the band is empty, as :func:`_wmean`
+    gives."""
     num = _band_sum(prefix, i0, i1)
-    den = (wprefix[i1] - wprefix[i0]).expand(num.shape)
-    return (num / den.clamp_min(1e-9)).masked_fill((i1 <= i0).expand(num.shape), 0.0)
+    if i0 is None:
+        den, empty = wprefix[i1], i1 <= 0
+    else:
+        den, empty = wprefix[i1] - wprefix[i0], i1 <= i0
+    return (num / den.expand(num.shape).clamp_min(1e-9)).masked_fill(empty.expand(num.shape), 0.0)
+
+
+def _band_end(hi_um: torch.Tensor, s: int) -> torch.Tensor:
+    """End ``i1`` of the band ``0 <= t <= hi_um``: :func:`_band` from 0 (whose start is 0)."""
+    return ((hi_um / RAY_STEP_UM).floor().long() + 1).clamp(0, s)
+
+
+def _nucleus_mean(wcum: torch.Tensor, wpre: torch.Tensor, edge_um: torch.Tensor) -> torch.Tensor:
+    """(K,) mean over rays of the annulus-weighted mean over the nucleus body ``[0, 0.8 edge]``,
+    from the prefix sums (K, A, S + 1) of a map x (t + step / 2) and of the weights (S + 1,)."""
+    return _band_mean(wcum, wpre, None, _band_end(0.8 * edge_um, wcum.shape[-1] - 1)).mean(1)
 
 
 def _neighbours(
@@ -219,8 +250,6 @@ def sample_rays(
             elongation=z,
             h_nucleus=z,
             h_around=z,
-            dab_nucleus=z,
-            dab_wcum=torch.zeros((0, a, s + 1), device=dev),
             density=z,
             nb_index=nb_index,
             nb_dist_um=nb_dist,
@@ -232,16 +261,13 @@ def sample_rays(
     dab = samp[:, 1].reshape(k_all, a, s)
 
     # Nucleus edge per ray: first fall below half-way between centre and surroundings.
-    r0 = radius_um.clamp(2.0, 8.0)
     # Weighted means over radial bands by prefix sums (see _band); weights t + step / 2 give each
-    # sample the area of its annulus.
+    # sample the area of its annulus. DAB's prefix sums are only needed for the measured cells
+    # (see Rays.dab_wcum).
     wpre = _prefix(t + RAY_STEP_UM / 2)
     hw = _prefix(h * (t + RAY_STEP_UM / 2))
-    dw = _prefix(dab * (t + RAY_STEP_UM / 2))
     r0 = radius_um.clamp(2.0, 8.0)
-    zero = torch.zeros_like(r0)
-    i0, i1 = _band(zero, (0.5 * r0).clamp_min(1.0), s)
-    h0 = _band_mean(hw, wpre, i0.view(-1, 1), i1.view(-1, 1)).mean(1)
+    h0 = _band_mean(hw, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s).view(-1, 1)).mean(1)
     # Surroundings: the darkest sample of each ray in [r0 + 1.5, r0 + 4] um (at most 6 samples,
     # always inside the ray since r0 <= 8), then the median over rays.
     i0, i1 = _band(r0 + 1.5, r0 + 4.0, s)
@@ -279,9 +305,7 @@ def sample_rays(
     tr, det = cyy + cxx, cyy * cxx - cxy**2
     disc = (tr * tr / 4 - det).clamp_min(0).sqrt()
     elong = ((tr / 2 + disc) / (tr / 2 - disc).clamp_min(1e-6)).sqrt().clamp(1.0, 10.0)
-    i0, i1 = _band(torch.zeros_like(edge), 0.8 * edge, s)
-    h_nuc = _band_mean(hw, wpre, i0, i1).mean(1)
-    dab_nuc = _band_mean(dw, wpre, i0, i1).mean(1)
+    h_nuc = _nucleus_mean(hw, wpre, edge)
     # Centre of the measured outline (the star polygon's area centroid: each ray's triangle has
     # area ~ edge^2 and its centroid 2/3 of the way out). The LoG peak sits on a ~1 um grid and
     # drifts with chromatin texture and lobes (median 0.33 um off the true centre of synthetic
@@ -300,8 +324,6 @@ def sample_rays(
         elongation=elong,
         h_nucleus=h_nuc,
         h_around=hb,
-        dab_nucleus=dab_nuc,
-        dab_wcum=dw,
         density=density,
         nb_index=nb_index,
         nb_dist_um=nb_dist,
@@ -362,7 +384,8 @@ def measure_compartments(
     if k_all == 0:
         z = torch.zeros(0, device=dev)
         return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
-    ray_dab, dab_wcum, body = rows(rays.dab), rows(rays.dab_wcum), rows(body_radius_um)
+    ray_dab, body = rows(rays.dab), rows(body_radius_um)
+    dab_wcum = _prefix(ray_dab * (rays.t_um + RAY_STEP_UM / 2))  # Rays.dab_wcum of these rows
     valid = nb_index >= 0
     nbi = nb_index.clamp_min(0)
     # Cell edges are found from the outline centres; the ray samples were taken from the detected
@@ -429,7 +452,7 @@ def measure_compartments(
     coverage = stained.float().mean(1)
     membrane = mem_ray.mean(1)
     mstained = _wmean(mem_ray, stained.float(), 1)
-    nucleus = rows(rays.dab_nucleus)
+    nucleus = _nucleus_mean(dab_wcum, wpre, edge_um)  # Rays.dab_nucleus of these rows
     return Compartments(edge_cell, nucleus, cytoplasm, membrane, mstained, coverage)
 
 
