@@ -275,6 +275,12 @@ def test_sample_points_matches_per_tile_grid_sample(threads: int) -> None:
                 got = sample_points(m, mpp, tile, centre, off)
                 assert got.shape == (7, m.shape[1], 11)
                 torch.testing.assert_close(got, want(m, off), rtol=0, atol=1e-5)
+            # Distances along directions: the same points, bit for bit.
+            dirs = torch.randn(3, 2, generator=g)
+            dist = torch.rand(7, 3, 4, generator=g) * 15.0
+            pts = (dist.unsqueeze(3) * dirs[None, :, None, :]).reshape(7, 12, 2)
+            got = sample_points(m, mpp, tile, centre, dist, dirs)
+            assert torch.equal(got, sample_points(m, mpp, tile, centre, pts))
     finally:
         torch.set_num_threads(before)
 

@@ -471,8 +471,7 @@ def _edge_profile(
     off = torch.tensor(EDGE_OFFSETS_UM, device=maps.device)
     p = off.numel()
     t = edge_um.unsqueeze(2) + off.view(1, 1, -1)  # (K, A, P)
-    offsets = (t.unsqueeze(3) * dirs[None, :, None, :]).reshape(k_all, a * p, 2)
-    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*P), channel-major
+    samp = sample_points(maps, meas_mpp, tile, yx_um, t, dirs)  # (K, 2, A*P), channel-major
     h, dab = samp.transpose(0, 1).reshape(2, k_all, a, p)
     return h, dab
 
@@ -567,10 +566,13 @@ def sample_points(
     tile: torch.Tensor,
     centre_um: torch.Tensor,
     offset_um: torch.Tensor,
+    dirs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bilinear samples of ``maps`` (N, C, H, W) at ``centre_um + offset_um``: centres (K, 2) in um
     from the top-left corner of tile ``tile`` (K,), offsets (M, 2) shared by all items or (K, M, 2);
-    returns (K, C, M), a transposed view of channel-major (C, K, M) storage.
+    returns (K, C, M), a transposed view of channel-major (C, K, M) storage. With ``dirs`` (A, 2),
+    ``offset_um`` (K, A, P) are distances along those directions instead: the points
+    ``offset_um[k, a, p] * dirs[a]`` (M = A * P), written straight into the grid.
 
     Points are clamped to their own tile (border padding), then all tiles are sampled as one tall
     (C, N*H, W) image (stain-major maps, see :func:`deconvolve`, are viewed that way without a
@@ -584,7 +586,7 @@ def sample_points(
 
     n_tiles, c, hh, ww = maps.shape
     k = centre_um.shape[0]
-    m = offset_um.shape[-2]
+    m = offset_um.shape[-2] if dirs is None else offset_um.shape[1] * offset_um.shape[2]
     dt, dev = maps.dtype, maps.device
     tall = maps.transpose(0, 1)
     tall = (tall if tall.is_contiguous() else tall.contiguous()).view(1, c, n_tiles * hh, ww)
@@ -601,24 +603,41 @@ def sample_points(
     cy = (centre_um[:, 0] - 0.5 * meas_mpp).view(-1, 1) * sy + top
     threads = torch.get_num_threads() if dev.type == "cpu" else 1
     parts = max(1, min(threads, k))
-    total = k * m
-    per = -(-total // parts) if total else 0
-    grid = torch.empty((parts * per, 2), dtype=dt, device=dev)
-    grid[total:] = 0.0
-    g = grid[:total].view(k, m, 2)
-    gx, gy = g[..., 0], g[..., 1]
-    torch.add(cx, offset_um[..., 1] * sx, out=gx)
-    torch.add(cy, offset_um[..., 0] * sy, out=gy)
-    torch.clamp(gy, top, bottom, out=gy)
+    kp = -(-k // parts) if k else 0  # centres per batch item
+    # Planar grid storage (item, x/y, centre, point): every plane is written contiguously (fast
+    # vectorised adds and clamps; strided writes into an interleaved (..., 2) grid are several
+    # times slower), and grid_sample reads planar grids on its fast path as well.
+    grid = torch.empty((parts, 2, kp, m), dtype=dt, device=dev)
+    if dirs is None and offset_um.dim() == 2:
+        shared = (offset_um[:, 1] * sx, offset_um[:, 0] * sy)
+    for p in range(parts):
+        r0, r1 = p * kp, min((p + 1) * kp, k)
+        gx, gy = grid[p, 0, : r1 - r0], grid[p, 1, : r1 - r0]
+        if r1 - r0 < kp:
+            grid[p, :, r1 - r0 :] = 0.0
+        if dirs is None and offset_um.dim() == 2:
+            torch.add(cx[r0:r1], shared[0], out=gx)
+            torch.add(cy[r0:r1], shared[1], out=gy)
+        elif dirs is None:
+            torch.add(cx[r0:r1], offset_um[r0:r1, :, 1] * sx, out=gx)
+            torch.add(cy[r0:r1], offset_um[r0:r1, :, 0] * sy, out=gy)
+        else:
+            # The same products and sums as for offsets ``t * dirs``, with no (K, M, 2) offsets.
+            t = offset_um[r0:r1]
+            for plane, col, scale, base in ((gx, 1, sx, cx), (gy, 0, sy, cy)):
+                torch.mul(t, dirs[:, col].view(1, -1, 1), out=plane.view(t.shape))
+                plane.mul_(scale).add_(base[r0:r1])
+        torch.maximum(gy, top[r0:r1], out=gy)
+        torch.minimum(gy, bottom[r0:r1], out=gy)
     samp = F.grid_sample(
         tall.expand(parts, -1, -1, -1),
-        grid.view(parts, 1, per, 2),
+        grid.view(parts, 2, 1, kp * m).permute(0, 2, 3, 1),
         mode="bilinear",
         padding_mode="border",
         align_corners=True,
-    )  # (parts, C, 1, per)
+    )  # (parts, C, 1, kp * m)
     if parts == 1 or c == 1:
-        flat = samp.view(c, parts * per)
+        flat = samp.view(c, parts * kp, m)
     else:
-        flat = samp.view(parts, c, per).transpose(0, 1).reshape(c, parts * per)
-    return flat[:, :total].view(c, k, m).transpose(0, 1)
+        flat = samp.view(parts, c, kp, m).transpose(0, 1).reshape(c, parts * kp, m)
+    return flat[:, :k].transpose(0, 1)
