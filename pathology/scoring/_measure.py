@@ -192,9 +192,8 @@ def _neighbours(
     pad = torch.full((n_tiles, kmax, 2), math.inf, device=dev)
     pad[tile, pos] = yx
     d = torch.cdist(pad, pad)  # (N, kmax, kmax); inf rows/cols for padding
-    d = torch.nan_to_num(d, nan=math.inf, posinf=math.inf)
-    eye = torch.eye(kmax, dtype=torch.bool, device=dev).unsqueeze(0)
-    d = d.masked_fill(eye, math.inf)
+    d = torch.nan_to_num_(d, nan=math.inf, posinf=math.inf)
+    d.diagonal(dim1=1, dim2=2).fill_(math.inf)  # not one's own neighbour
     dc = d[tile, pos]  # (K, kmax)
     density = (dc < DENSITY_RADIUS_UM).sum(1).float()
     n = min(N_NEIGHBOURS, kmax)
