@@ -263,10 +263,14 @@ def sample_rays(
     # Weighted means over radial bands by prefix sums (see _band); weights t + step / 2 give each
     # sample the area of its annulus. DAB's prefix sums are only needed for the measured cells
     # (see Rays.dab_wcum).
+    # Haematoxylin bands end by 0.8 x the largest nucleus edge (< RAY_MAX_UM), so its prefix sums
+    # stop there (the same sums: a prefix does not depend on later samples).
+    s_nuc = min(s, math.floor(0.8 * RAY_MAX_UM / RAY_STEP_UM) + 1)
     wpre = _prefix(t + RAY_STEP_UM / 2)
-    hw = _prefix(h * (t + RAY_STEP_UM / 2))
+    hw = _prefix(h[..., :s_nuc] * (t[:s_nuc] + RAY_STEP_UM / 2))
     r0 = radius_um.clamp(2.0, 8.0)
-    h0 = _band_mean(hw, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s).view(-1, 1)).mean(1)
+    h0 = _band_mean(hw, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s_nuc).view(-1, 1))
+    h0 = h0.mean(1)
     # Surroundings: the darkest sample of each ray in [r0 + 1.5, r0 + 4] um (at most 6 samples,
     # always inside the ray since r0 <= 8), then the median over rays.
     i0, i1 = _band(r0 + 1.5, r0 + 4.0, s)
@@ -281,7 +285,7 @@ def sample_rays(
     i_lim = (limit / RAY_STEP_UM).ceil().long().view(-1, 1)
     below = h < thr.view(-1, 1, 1)
     below[..., 0] = False
-    idx = below.to(torch.uint8).argmax(2)  # first True, or 0 when none
+    idx = below.view(torch.uint8).argmax(2)  # first True, or 0 when none (bytes: no copy)
     found = below.gather(2, idx.unsqueeze(2)).squeeze(2)
     first = torch.where(found, torch.minimum(idx, i_lim), i_lim.expand_as(idx)).clamp_min(1)
     hi = h.gather(2, first.unsqueeze(2)).squeeze(2)
