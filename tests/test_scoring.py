@@ -285,6 +285,47 @@ def test_sample_points_matches_per_tile_grid_sample(threads: int) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("mpp", [0.5, 0.25])
+def test_halo_cells_get_short_haematoxylin_rays_and_the_same_features(mpp: float) -> None:
+    """Cells that cannot end up in a tile's core get haematoxylin-only rays, only as long as their
+    nucleus measurement reads: every cell's outline, nucleus features, centre and neighbours are
+    the same as with full rays, the core cells' DAB rays and compartments too, and DAB rays of
+    a halo-only cell are refused."""
+    from pathology.scoring import load_model
+    from pathology.scoring._api import tiles_with_halo
+    from pathology.scoring._measure import measure_compartments
+    from pathology.scoring._model import halo_for
+
+    halo = halo_for(mpp)
+    p = SynthParams.preset("pdl1_cps_ge20", width=768, height=512, mpp=mpp, seed=4)
+    tiles, _ = tiles_with_halo(render_region(p).rgb, 256, halo)
+    t = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    scorer = load_model("pdl1", mpp, halo_px=halo, device="cpu")
+    with torch.inference_mode():
+        maps = scorer.stain_maps(t)
+        full, _, _ = scorer.detect(maps)
+        part, _, _ = scorer.detect(maps, (t.shape[-2], t.shape[-1]))
+        for name in ("tile", "yx_um", "centre_um", "t_um", "edge_um", "area_um2", "elongation"):
+            assert torch.equal(getattr(full, name), getattr(part, name)), name
+        for name in ("h_nucleus", "h_around", "density", "nb_index", "nb_dist_um"):
+            assert torch.equal(getattr(full, name), getattr(part, name)), name
+        without = (part.dab_row < 0).nonzero(as_tuple=True)[0]
+        assert 0 < without.numel() < part.dab_row.numel()  # the short path ran
+        core = scorer.in_core(full.centre_um, t.shape[-2], t.shape[-1]).nonzero(as_tuple=True)[0]
+        assert core.numel() > 20 and bool((part.dab_row[core] >= 0).all())
+        assert torch.equal(full.dab_rays(core), part.dab_rays(core))
+        assert torch.equal(full.dab_nucleus(core), part.dab_nucleus(core))
+        body = torch.full_like(full.area_um2, 12.75)
+        a, b = (
+            measure_compartments(r, body, 0.2, maps, scorer.meas_mpp, cells=core)
+            for r in (full, part)
+        )
+        for name in ("cell_edge_um", "cytoplasm", "membrane", "membrane_coverage"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        with pytest.raises(ValueError, match="DAB rays were not sampled"):
+            part.dab_rays(without[:3])
+
+
 # -- device ----------------------------------------------------------------------------------
 def test_device_resolution() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"

@@ -67,8 +67,8 @@ class Rays:
     tile: torch.Tensor  # (K,) int64
     yx_um: torch.Tensor  # (K, 2) ray origin: the detected (LoG) centre
     centre_um: torch.Tensor  # (K, 2) centroid of the measured nucleus outline
-    h: torch.Tensor  # (K, A, S) haematoxylin OD
-    dab: torch.Tensor  # (K, A, S) DAB OD
+    dab: torch.Tensor  # (K', A, S) DAB OD of the cells with DAB rays (see sample_rays)
+    dab_row: torch.Tensor  # (K,) int64 row of each cell in ``dab``, -1 = none
     t_um: torch.Tensor  # (S,) radius of each sample
     edge_um: torch.Tensor  # (K, A) nucleus edge per ray
     area_um2: torch.Tensor  # (K,)
@@ -84,11 +84,20 @@ class Rays:
         the ray origin than from the outline centre: ``t_origin = t_centre + lag``."""
         return (self.centre_um - self.yx_um) @ dirs.T
 
+    def dab_rays(self, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, A, S) DAB OD along the rays of ``cells`` (indices, default all); raises
+        ValueError for a cell sampled without DAB (``sample_rays``'s ``dab_cells``)."""
+        rows = self.dab_row if cells is None else self.dab_row[cells]
+        if rows.numel() and int(rows.min()) < 0:
+            raise ValueError("DAB rays were not sampled for some of these cells (dab_cells)")
+        if rows.numel() == self.dab.shape[0] and cells is None:
+            return self.dab  # every cell has DAB rays, in order
+        return self.dab[rows]
+
     def dab_wcum(self, cells: torch.Tensor | None = None) -> torch.Tensor:
         """(M, A, S + 1) prefix sums of DAB x (t + step / 2) along each ray of ``cells`` (indices,
         default all): computed on demand, as only the measured cells need them."""
-        dab = self.dab if cells is None else self.dab[cells]
-        return _prefix(dab * (self.t_um + RAY_STEP_UM / 2))
+        return _prefix(self.dab_rays(cells) * (self.t_um + RAY_STEP_UM / 2))
 
     def dab_nucleus(
         self, cells: torch.Tensor | None = None, dab_wcum: torch.Tensor | None = None
@@ -213,6 +222,7 @@ def sample_rays(
     tile: torch.Tensor,
     yx_um: torch.Tensor,
     radius_um: torch.Tensor,
+    dab_cells: torch.Tensor | None = None,
 ) -> Rays:
     """Sample haematoxylin and DAB along rays around each detected nucleus.
 
@@ -222,6 +232,11 @@ def sample_rays(
         Haematoxylin and DAB OD at ``meas_mpp``.
     tile, yx_um, radius_um : Tensor (K,), (K, 2), (K,)
         Detections (tile index, centre in um, LoG radius in um), ordered by tile.
+    dab_cells : Tensor (K,) bool, optional
+        Cells whose DAB rays may be measured later (default: all). The others (e.g. cells of a
+        tile's halo, kept only as neighbours) get haematoxylin only, and only as far out as their
+        nucleus measurement reads (:func:`_h_samples`), when that saves samples; their nucleus
+        features are the same.
     """
     import torch
 
@@ -236,13 +251,12 @@ def sample_rays(
     nb_index, nb_dist, density = _neighbours(tile, yx_um, n_tiles)
     if k_all == 0:
         z = torch.zeros(0, device=dev)
-        e = torch.zeros((0, a, s), device=dev)
         return Rays(
             tile=tile,
             yx_um=yx_um,
             centre_um=yx_um,
-            h=e,
-            dab=e,
+            dab=torch.zeros((0, a, s), device=dev),
+            dab_row=torch.zeros(0, dtype=torch.long, device=dev),
             t_um=t,
             edge_um=torch.zeros((0, a), device=dev),
             area_um2=z,
@@ -253,28 +267,121 @@ def sample_rays(
             nb_index=nb_index,
             nb_dist_um=nb_dist,
         )
-
+    r0 = radius_um.clamp(2.0, 8.0)
     offsets = (t.view(1, s, 1) * dirs.view(a, 1, 2)).reshape(a * s, 2)  # ray points around a centre
-    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*S)
-    h = samp[:, 0].reshape(k_all, a, s)
-    dab = samp[:, 1].reshape(k_all, a, s)
+    short, s_short = _short_rays(r0, dab_cells, s)
+    if short is None:
+        samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*S)
+        h = samp[:, 0].reshape(k_all, a, s)
+        dab = samp[:, 1].reshape(k_all, a, s)
+        edge, h_nuc, hb = _nucleus(h, t, r0)
+        dab_row = torch.arange(k_all, device=dev)
+    else:
+        # Two groups: full rays with DAB, and haematoxylin-only rays of s_short samples.
+        full = (~short).nonzero(as_tuple=True)[0]
+        part = short.nonzero(as_tuple=True)[0]
+        samp = sample_points(maps, meas_mpp, tile[full], yx_um[full], offsets)  # (F, 2, A*S)
+        dab = samp[:, 1].reshape(full.numel(), a, s)
+        got_f = _nucleus(samp[:, 0].reshape(full.numel(), a, s), t, r0[full])
+        off_s = offsets.view(a, s, 2)[:, :s_short].reshape(a * s_short, 2)
+        h_s = sample_points(maps[:, :1], meas_mpp, tile[part], yx_um[part], off_s)
+        got_s = _nucleus(h_s.reshape(part.numel(), a, s_short), t[:s_short], r0[part])
+        edge, h_nuc, hb = (
+            _merge(k_all, full, f, part, g) for f, g in zip(got_f, got_s, strict=True)
+        )
+        dab_row = torch.full((k_all,), -1, dtype=torch.long, device=dev)
+        dab_row[full] = torch.arange(full.numel(), device=dev)
+    # Outline moments on all cells at once: a matrix product's rounding can depend on a row's
+    # place in the batch, and each cell's features must not depend on the grouping.
+    area, elong, m1 = _outline_moments(edge, dirs)
+    # Centre of the measured outline (the star polygon's area centroid: each ray's triangle has
+    # area ~ edge^2 and its centroid 2/3 of the way out). The LoG peak sits on a ~1 um grid and
+    # drifts with chromatin texture and lobes (median 0.33 um off the true centre of synthetic
+    # tumour nuclei, against 0.10 um for the outline centroid); cell edges are bisectors between
+    # centres, so that error moves the edge a neighbour's membrane is told apart by.
+    shift = m1 * (MAX_CENTRE_SHIFT_UM / m1.norm(dim=1, keepdim=True).clamp_min(MAX_CENTRE_SHIFT_UM))
+    return Rays(
+        tile=tile,
+        yx_um=yx_um,
+        centre_um=yx_um + shift,
+        dab=dab,
+        dab_row=dab_row,
+        t_um=t,
+        edge_um=edge,
+        area_um2=area,
+        elongation=elong,
+        h_nucleus=h_nuc,
+        h_around=hb,
+        density=density,
+        nb_index=nb_index,
+        nb_dist_um=nb_dist,
+    )
 
-    # Nucleus edge per ray: first fall below half-way between centre and surroundings.
+
+def _h_samples(r0: torch.Tensor) -> torch.Tensor:
+    """(K,) int64: how many samples from the centre :func:`_nucleus` reads on each ray of a cell
+    of LoG radius ``r0`` (clamped to [2, 8] um): through the surroundings ring and through the
+    edge search's limit (the same float expressions as there, so the count is exact)."""
+    import torch
+
+    ring_end = ((r0 + 4.0) / RAY_STEP_UM).floor().long() + 1  # _band's end of the ring
+    limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
+    i_lim = (limit / RAY_STEP_UM).ceil().long()
+    return torch.maximum(ring_end, i_lim + 1)
+
+
+def _short_rays(
+    r0: torch.Tensor, dab_cells: torch.Tensor | None, s: int
+) -> tuple[torch.Tensor | None, int]:
+    """Cells sampled with haematoxylin-only rays of ``s_short`` samples, and ``s_short``: among
+    the cells without DAB, those whose nucleus fits in the length that saves most samples; None
+    when that saves nothing."""
+    import torch
+
+    if dab_cells is None or r0.numel() == 0:
+        return None, s
+    need = torch.where(dab_cells, s, _h_samples(r0).clamp(max=s))
+    counts = torch.bincount(need, minlength=s + 1).cumsum(0)  # cells that fit in n samples
+    saved = counts * (s - torch.arange(s + 1, device=r0.device))
+    best = int(saved.argmax())
+    if int(saved[best]) == 0:
+        return None, s
+    return need <= best, best
+
+
+def _merge(
+    k: int, i: torch.Tensor, a: torch.Tensor, j: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``a`` at indices ``i`` and rows ``b`` at ``j`` of a new (k, ...) tensor."""
+    import torch
+
+    out = torch.empty((k, *a.shape[1:]), dtype=a.dtype, device=a.device)
+    out[i] = a
+    out[j] = b
+    return out
+
+
+def _nucleus(
+    h: torch.Tensor, t: torch.Tensor, r0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nucleus outline from haematoxylin rays ``h`` (K, A, S) at radii ``t`` (S,): (edge (K, A),
+    mean haematoxylin in the nucleus, haematoxylin around it (K,)). Reads the first
+    :func:`_h_samples` samples of each ray only."""
+    import torch
+
+    _, a, s = h.shape
     # Weighted means over radial bands by prefix sums (see _band); weights t + step / 2 give each
-    # sample the area of its annulus. DAB's prefix sums are only needed for the measured cells
-    # (see Rays.dab_wcum).
-    # Haematoxylin bands end by 0.8 x the largest nucleus edge (< RAY_MAX_UM), so its prefix sums
-    # stop there (the same sums: a prefix does not depend on later samples).
+    # sample the area of its annulus. Haematoxylin bands end by 0.8 x the largest nucleus edge
+    # (< RAY_MAX_UM), so the prefix sums stop there (a prefix does not depend on later samples).
     s_nuc = min(s, math.floor(0.8 * RAY_MAX_UM / RAY_STEP_UM) + 1)
     wpre = _prefix(t + RAY_STEP_UM / 2)
     hw = _prefix(h[..., :s_nuc] * (t[:s_nuc] + RAY_STEP_UM / 2))
-    r0 = radius_um.clamp(2.0, 8.0)
     h0 = _band_mean(hw, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s_nuc).view(-1, 1))
     h0 = h0.mean(1)
     # Surroundings: the darkest sample of each ray in [r0 + 1.5, r0 + 4] um (at most 6 samples,
     # always inside the ray since r0 <= 8), then the median over rays.
     i0, i1 = _band(r0 + 1.5, r0 + 4.0, s)
-    span = torch.arange(math.floor(2.5 / RAY_STEP_UM) + 1, device=dev)
+    span = torch.arange(math.floor(2.5 / RAY_STEP_UM) + 1, device=h.device)
     ring_idx = torch.minimum(i0.view(-1, 1) + span, (i1 - 1).view(-1, 1))  # (K, 6)
     ring_min = h.gather(2, ring_idx.unsqueeze(1).expand(-1, a, -1)).amin(2)  # (K, A)
     hb = ring_min.median(1).values.clamp_min(0.0)
@@ -293,6 +400,15 @@ def sample_rays(
     frac = ((lo - thr.view(-1, 1)) / (lo - hi).clamp_min(1e-6)).clamp(0, 1)
     edge = (first.float() - 1 + frac) * RAY_STEP_UM
     edge = torch.minimum(edge.clamp_min(0.75), limit.view(-1, 1))
+    return edge, _nucleus_mean(hw, wpre, edge), hb
+
+
+def _outline_moments(
+    edge: torch.Tensor, dirs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area (K,), elongation (K,) and centroid from the ray origin (K, 2) of the star outlines
+    with ``edge`` (K, A) along ``dirs`` (A, 2)."""
+    a = edge.shape[1]
     area = 0.5 * (edge**2).sum(1) * (2 * math.pi / a)
     # Elongation from the second moments of the filled outline (as regionprops measures it), not
     # of the outline points: at equal angles those crowd where the outline is close and read an
@@ -308,29 +424,7 @@ def sample_rays(
     tr, det = cyy + cxx, cyy * cxx - cxy**2
     disc = (tr * tr / 4 - det).clamp_min(0).sqrt()
     elong = ((tr / 2 + disc) / (tr / 2 - disc).clamp_min(1e-6)).sqrt().clamp(1.0, 10.0)
-    h_nuc = _nucleus_mean(hw, wpre, edge)
-    # Centre of the measured outline (the star polygon's area centroid: each ray's triangle has
-    # area ~ edge^2 and its centroid 2/3 of the way out). The LoG peak sits on a ~1 um grid and
-    # drifts with chromatin texture and lobes (median 0.33 um off the true centre of synthetic
-    # tumour nuclei, against 0.10 um for the outline centroid); cell edges are bisectors between
-    # centres, so that error moves the edge a neighbour's membrane is told apart by.
-    shift = m1 * (MAX_CENTRE_SHIFT_UM / m1.norm(dim=1, keepdim=True).clamp_min(MAX_CENTRE_SHIFT_UM))
-    return Rays(
-        tile=tile,
-        yx_um=yx_um,
-        centre_um=yx_um + shift,
-        h=h,
-        dab=dab,
-        t_um=t,
-        edge_um=edge,
-        area_um2=area,
-        elongation=elong,
-        h_nucleus=h_nuc,
-        h_around=hb,
-        density=density,
-        nb_index=nb_index,
-        nb_dist_um=nb_dist,
-    )
+    return area, elong, m1
 
 
 def measure_compartments(
@@ -371,8 +465,8 @@ def measure_compartments(
     """
     import torch
 
-    _, a, s = rays.h.shape
-    dev = rays.h.device
+    _, a, s = rays.dab.shape
+    dev = rays.dab.device
     theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
     dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
 
@@ -387,7 +481,7 @@ def measure_compartments(
     if k_all == 0:
         z = torch.zeros(0, device=dev)
         return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
-    ray_dab, body = rows(rays.dab), rows(body_radius_um)
+    ray_dab, body = rays.dab_rays(cells), rows(body_radius_um)
     dab_wcum = _prefix(ray_dab * (rays.t_um + RAY_STEP_UM / 2))  # Rays.dab_wcum of these rows
     valid = nb_index >= 0
     nbi = nb_index.clamp_min(0)
