@@ -247,7 +247,7 @@ def test_sample_points_matches_per_tile_grid_sample(threads: int) -> None:
     channels and for offsets shared by all centres or given per centre."""
     import torch.nn.functional as F
 
-    from pathology.scoring._measure import sample_points
+    from pathology.scoring._sampling import sample_points
 
     mpp = 0.5
     g = torch.Generator().manual_seed(5)
