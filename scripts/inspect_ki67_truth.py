@@ -78,7 +78,7 @@ def all_detections(
         core &= (gx < rgb.shape[1]) & (gy < rgb.shape[0])
         xy.append(np.stack([gx, gy], 1)[core])
         cls_all.append(cls.numpy()[core])
-        dab.append(rays.dab_nucleus.numpy()[core])
+        dab.append(rays.dab_nucleus().numpy()[core])
     return np.concatenate(xy).astype(np.float64), np.concatenate(cls_all), np.concatenate(dab)
 
 

@@ -255,6 +255,93 @@ def test_mean_pool_matches_avg_pool2d(factor: int) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+# -- ray sampling ----------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sample_points_matches_per_tile_grid_sample(threads: int) -> None:
+    """Sampling every tile of a batch as one tall image, split into one batch item per thread,
+    equals ``grid_sample`` on each point's own tile with border padding, for one and two
+    channels and for offsets shared by all centres or given per centre."""
+    import torch.nn.functional as F
+
+    from pathology.scoring._sampling import sample_points
+
+    mpp = 0.5
+    g = torch.Generator().manual_seed(5)
+    maps = torch.rand(2, 5, 23, 19, generator=g).transpose(0, 1)  # stain-major, as deconvolved
+    tile = torch.tensor([0, 0, 1, 2, 4, 4, 4])
+    centre = torch.rand(7, 2, generator=g) * torch.tensor([23.0, 19.0]) * mpp
+    shared = (torch.rand(11, 2, generator=g) - 0.5) * 30.0  # (M, 2) um, many outside the tile
+    own = (torch.rand(7, 11, 2, generator=g) - 0.5) * 30.0  # (K, M, 2)
+
+    def want(m: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+        pts = centre.unsqueeze(1) + off.expand(7, -1, -1)  # (K, M, 2) um, (y, x)
+        px = pts / mpp - 0.5
+        size = torch.tensor([m.shape[-2] - 1, m.shape[-1] - 1], dtype=px.dtype)
+        grid = (2 * px / size - 1).flip(-1)  # normalised (x, y)
+        out = F.grid_sample(
+            m[tile], grid.unsqueeze(1), padding_mode="border", align_corners=True
+        )  # (K, C, 1, M)
+        return out[:, :, 0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (maps, maps[:, :1]):
+            for off in (shared, own):
+                got = sample_points(m, mpp, tile, centre, off)
+                assert got.shape == (7, m.shape[1], 11)
+                torch.testing.assert_close(got, want(m, off), rtol=0, atol=1e-5)
+            # Distances along directions: the same points, bit for bit.
+            dirs = torch.randn(3, 2, generator=g)
+            dist = torch.rand(7, 3, 4, generator=g) * 15.0
+            pts = (dist.unsqueeze(3) * dirs[None, :, None, :]).reshape(7, 12, 2)
+            got = sample_points(m, mpp, tile, centre, dist, dirs)
+            assert torch.equal(got, sample_points(m, mpp, tile, centre, pts))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.25])
+def test_halo_cells_get_short_haematoxylin_rays_and_the_same_features(mpp: float) -> None:
+    """Cells that cannot end up in a tile's core get haematoxylin-only rays, only as long as their
+    nucleus measurement reads: every cell's outline, nucleus features, centre and neighbours are
+    the same as with full rays, the core cells' DAB rays and compartments too, and DAB rays of
+    a halo-only cell are refused."""
+    from pathology.scoring import load_model
+    from pathology.scoring._api import tiles_with_halo
+    from pathology.scoring._measure import measure_compartments
+    from pathology.scoring._model import halo_for
+
+    halo = halo_for(mpp)
+    p = SynthParams.preset("pdl1_cps_ge20", width=768, height=512, mpp=mpp, seed=4)
+    tiles, _ = tiles_with_halo(render_region(p).rgb, 256, halo)
+    t = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    scorer = load_model("pdl1", mpp, halo_px=halo, device="cpu")
+    with torch.inference_mode():
+        maps = scorer.stain_maps(t)
+        full, _, _ = scorer.detect(maps)
+        part, _, _ = scorer.detect(maps, (t.shape[-2], t.shape[-1]))
+        for name in ("tile", "yx_um", "centre_um", "t_um", "edge_um", "area_um2", "elongation"):
+            assert torch.equal(getattr(full, name), getattr(part, name)), name
+        for name in ("h_nucleus", "h_around", "density", "nb_index", "nb_dist_um"):
+            assert torch.equal(getattr(full, name), getattr(part, name)), name
+        without = (part.dab_row < 0).nonzero(as_tuple=True)[0]
+        assert 0 < without.numel() < part.dab_row.numel()  # the short path ran
+        core = scorer.in_core(full.centre_um, t.shape[-2], t.shape[-1]).nonzero(as_tuple=True)[0]
+        assert core.numel() > 20 and bool((part.dab_row[core] >= 0).all())
+        assert torch.equal(full.dab_rays(core), part.dab_rays(core))
+        assert torch.equal(full.dab_nucleus(core), part.dab_nucleus(core))
+        body = torch.full_like(full.area_um2, 12.75)
+        a, b = (
+            measure_compartments(r, body, 0.2, maps, scorer.meas_mpp, cells=core)
+            for r in (full, part)
+        )
+        for name in ("cell_edge_um", "cytoplasm", "membrane", "membrane_coverage"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        with pytest.raises(ValueError, match="DAB rays were not sampled"):
+            part.dab_rays(without[:3])
+
+
 # -- device ----------------------------------------------------------------------------------
 def test_device_resolution() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pathology.scoring._detect import tile_slots
+from pathology.scoring._sampling import sample_points
 
 if TYPE_CHECKING:
     import torch
@@ -69,16 +70,14 @@ class Rays:
     tile: torch.Tensor  # (K,) int64
     yx_um: torch.Tensor  # (K, 2) ray origin: the detected (LoG) centre
     centre_um: torch.Tensor  # (K, 2) centroid of the measured nucleus outline
-    h: torch.Tensor  # (K, A, S) haematoxylin OD
-    dab: torch.Tensor  # (K, A, S) DAB OD
+    dab: torch.Tensor  # (K', A, S) DAB OD of the cells with DAB rays (see sample_rays)
+    dab_row: torch.Tensor  # (K,) int64 row of each cell in ``dab``, -1 = none
     t_um: torch.Tensor  # (S,) radius of each sample
     edge_um: torch.Tensor  # (K, A) nucleus edge per ray
     area_um2: torch.Tensor  # (K,)
     elongation: torch.Tensor  # (K,) major / minor axis, >= 1
     h_nucleus: torch.Tensor  # (K,) mean haematoxylin OD in the nucleus
     h_around: torch.Tensor  # (K,) haematoxylin OD just outside the nucleus
-    dab_nucleus: torch.Tensor  # (K,) mean DAB OD in the nucleus
-    dab_wcum: torch.Tensor  # (K, A, S + 1) prefix sums of DAB x (t + step / 2) along each ray
     density: torch.Tensor  # (K,) other cells within DENSITY_RADIUS_UM
     nb_index: torch.Tensor  # (K, N_NEIGHBOURS) global index of neighbours, -1 = none
     nb_dist_um: torch.Tensor  # (K, N_NEIGHBOURS)
@@ -87,6 +86,30 @@ class Rays:
         """(K, A) how much further along each ray (directions ``dirs`` (A, 2)) a point lies from
         the ray origin than from the outline centre: ``t_origin = t_centre + lag``."""
         return (self.centre_um - self.yx_um) @ dirs.T
+
+    def dab_rays(self, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, A, S) DAB OD along the rays of ``cells`` (indices, default all); raises
+        ValueError for a cell sampled without DAB (``sample_rays``'s ``dab_cells``)."""
+        rows = self.dab_row if cells is None else self.dab_row[cells]
+        if rows.numel() and int(rows.min()) < 0:
+            raise ValueError("DAB rays were not sampled for some of these cells (dab_cells)")
+        if rows.numel() == self.dab.shape[0] and cells is None:
+            return self.dab  # every cell has DAB rays, in order
+        return self.dab[rows]
+
+    def dab_wcum(self, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, A, S + 1) prefix sums of DAB x (t + step / 2) along each ray of ``cells`` (indices,
+        default all): computed on demand, as only the measured cells need them."""
+        return _prefix(self.dab_rays(cells) * (self.t_um + RAY_STEP_UM / 2))
+
+    def dab_nucleus(
+        self, cells: torch.Tensor | None = None, dab_wcum: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(M,) mean DAB OD in the nucleus of ``cells`` (default all); ``dab_wcum``: their
+        :meth:`dab_wcum`, when already at hand."""
+        edge = self.edge_um if cells is None else self.edge_um[cells]
+        wcum = self.dab_wcum(cells) if dab_wcum is None else dab_wcum
+        return _nucleus_mean(wcum, _prefix(self.t_um + RAY_STEP_UM / 2), edge)
 
 
 @dataclass(frozen=True)
@@ -130,22 +153,40 @@ def _band(lo_um: torch.Tensor, hi_um: torch.Tensor, s: int) -> tuple[torch.Tenso
     return i0, torch.maximum(i0, i1)
 
 
-def _band_sum(prefix: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
-    """Sum over samples [i0, i1) from prefix sums (K, A, S + 1); i0, i1 broadcast to (K, A)."""
+def _band_sum(prefix: torch.Tensor, i0: torch.Tensor | None, i1: torch.Tensor) -> torch.Tensor:
+    """Sum over samples [i0, i1) from prefix sums (K, A, S + 1); i0, i1 broadcast to (K, A);
+    i0 None: from the first sample (prefix 0, no gather)."""
     shape = prefix.shape[:-1]
     hi = prefix.gather(-1, i1.expand(shape).unsqueeze(-1)).squeeze(-1)
+    if i0 is None:
+        return hi
     lo = prefix.gather(-1, i0.expand(shape).unsqueeze(-1)).squeeze(-1)
     return hi - lo
 
 
 def _band_mean(
-    prefix: torch.Tensor, wprefix: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor
+    prefix: torch.Tensor, wprefix: torch.Tensor, i0: torch.Tensor | None, i1: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted mean over samples [i0, i1) from the prefix sums of ``v * w`` (K, A, S + 1) and of
-    the weights (S + 1,); 0 where the band is empty, as :func:`_wmean` gives."""
+    """Weighted mean over samples [i0, i1) (i0 None: from 0) from the prefix sums of ``v * w``
+    (K, A, S + 1) and of the weights (S + 1,); 0 where the band is empty, as :func:`_wmean`
+    gives."""
     num = _band_sum(prefix, i0, i1)
-    den = (wprefix[i1] - wprefix[i0]).expand(num.shape)
-    return (num / den.clamp_min(1e-9)).masked_fill((i1 <= i0).expand(num.shape), 0.0)
+    if i0 is None:
+        den, empty = wprefix[i1], i1 <= 0
+    else:
+        den, empty = wprefix[i1] - wprefix[i0], i1 <= i0
+    return (num / den.expand(num.shape).clamp_min(1e-9)).masked_fill(empty.expand(num.shape), 0.0)
+
+
+def _band_end(hi_um: torch.Tensor, s: int) -> torch.Tensor:
+    """End ``i1`` of the band ``0 <= t <= hi_um``: :func:`_band` from 0 (whose start is 0)."""
+    return ((hi_um / RAY_STEP_UM).floor().long() + 1).clamp(0, s)
+
+
+def _nucleus_mean(wcum: torch.Tensor, wpre: torch.Tensor, edge_um: torch.Tensor) -> torch.Tensor:
+    """(K,) mean over rays of the annulus-weighted mean over the nucleus body ``[0, 0.8 edge]``,
+    from the prefix sums (K, A, S + 1) of a map x (t + step / 2) and of the weights (S + 1,)."""
+    return _band_mean(wcum, wpre, None, _band_end(0.8 * edge_um, wcum.shape[-1] - 1)).mean(1)
 
 
 def _neighbours(
@@ -163,9 +204,8 @@ def _neighbours(
     pad = torch.full((n_tiles, kmax, 2), math.inf, device=dev)
     pad[tile, pos] = yx
     d = torch.cdist(pad, pad)  # (N, kmax, kmax); inf rows/cols for padding
-    d = torch.nan_to_num(d, nan=math.inf, posinf=math.inf)
-    eye = torch.eye(kmax, dtype=torch.bool, device=dev).unsqueeze(0)
-    d = d.masked_fill(eye, math.inf)
+    d = torch.nan_to_num_(d, nan=math.inf, posinf=math.inf)
+    d.diagonal(dim1=1, dim2=2).fill_(math.inf)  # not one's own neighbour
     dc = d[tile, pos]  # (K, kmax)
     density = (dc < DENSITY_RADIUS_UM).sum(1).float()
     n = min(N_NEIGHBOURS, kmax)
@@ -185,6 +225,7 @@ def sample_rays(
     tile: torch.Tensor,
     yx_um: torch.Tensor,
     radius_um: torch.Tensor,
+    dab_cells: torch.Tensor | None = None,
 ) -> Rays:
     """Sample haematoxylin and DAB along rays around each detected nucleus.
 
@@ -194,6 +235,11 @@ def sample_rays(
         Haematoxylin and DAB OD at ``meas_mpp``.
     tile, yx_um, radius_um : Tensor (K,), (K, 2), (K,)
         Detections (tile index, centre in um, LoG radius in um), ordered by tile.
+    dab_cells : Tensor (K,) bool, optional
+        Cells whose DAB rays may be measured later (default: all). The others (e.g. cells of a
+        tile's halo, kept only as neighbours) get haematoxylin only, and only as far out as their
+        nucleus measurement reads (:func:`_h_samples`), when that saves samples; their nucleus
+        features are the same.
     """
     import torch
 
@@ -208,46 +254,137 @@ def sample_rays(
     nb_index, nb_dist, density = _neighbours(tile, yx_um, n_tiles)
     if k_all == 0:
         z = torch.zeros(0, device=dev)
-        e = torch.zeros((0, a, s), device=dev)
         return Rays(
             tile=tile,
             yx_um=yx_um,
             centre_um=yx_um,
-            h=e,
-            dab=e,
+            dab=torch.zeros((0, a, s), device=dev),
+            dab_row=torch.zeros(0, dtype=torch.long, device=dev),
             t_um=t,
             edge_um=torch.zeros((0, a), device=dev),
             area_um2=z,
             elongation=z,
             h_nucleus=z,
             h_around=z,
-            dab_nucleus=z,
-            dab_wcum=torch.zeros((0, a, s + 1), device=dev),
             density=z,
             nb_index=nb_index,
             nb_dist_um=nb_dist,
         )
-
+    r0 = radius_um.clamp(2.0, 8.0)
     offsets = (t.view(1, s, 1) * dirs.view(a, 1, 2)).reshape(a * s, 2)  # ray points around a centre
-    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*S)
-    h = samp[:, 0].reshape(k_all, a, s)
-    dab = samp[:, 1].reshape(k_all, a, s)
+    short, s_short = _short_rays(r0, dab_cells, s)
+    if short is None:
+        samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*S)
+        h = samp[:, 0].reshape(k_all, a, s)
+        dab = samp[:, 1].reshape(k_all, a, s)
+        edge, h_nuc, hb = _nucleus(h, t, r0)
+        dab_row = torch.arange(k_all, device=dev)
+    else:
+        # Two groups: full rays with DAB, and haematoxylin-only rays of s_short samples.
+        full = (~short).nonzero(as_tuple=True)[0]
+        part = short.nonzero(as_tuple=True)[0]
+        samp = sample_points(maps, meas_mpp, tile[full], yx_um[full], offsets)  # (F, 2, A*S)
+        dab = samp[:, 1].reshape(full.numel(), a, s)
+        got_f = _nucleus(samp[:, 0].reshape(full.numel(), a, s), t, r0[full])
+        off_s = offsets.view(a, s, 2)[:, :s_short].reshape(a * s_short, 2)
+        h_s = sample_points(maps[:, :1], meas_mpp, tile[part], yx_um[part], off_s)
+        got_s = _nucleus(h_s.reshape(part.numel(), a, s_short), t[:s_short], r0[part])
+        edge, h_nuc, hb = (
+            _merge(k_all, full, f, part, g) for f, g in zip(got_f, got_s, strict=True)
+        )
+        dab_row = torch.full((k_all,), -1, dtype=torch.long, device=dev)
+        dab_row[full] = torch.arange(full.numel(), device=dev)
+    # Outline moments on all cells at once: a matrix product's rounding can depend on a row's
+    # place in the batch, and each cell's features must not depend on the grouping.
+    area, elong, m1 = _outline_moments(edge, dirs)
+    # Centre of the measured outline (the star polygon's area centroid: each ray's triangle has
+    # area ~ edge^2 and its centroid 2/3 of the way out). The LoG peak sits on a ~1 um grid and
+    # drifts with chromatin texture and lobes (median 0.33 um off the true centre of synthetic
+    # tumour nuclei, against 0.10 um for the outline centroid); cell edges are bisectors between
+    # centres, so that error moves the edge a neighbour's membrane is told apart by.
+    shift = m1 * (MAX_CENTRE_SHIFT_UM / m1.norm(dim=1, keepdim=True).clamp_min(MAX_CENTRE_SHIFT_UM))
+    return Rays(
+        tile=tile,
+        yx_um=yx_um,
+        centre_um=yx_um + shift,
+        dab=dab,
+        dab_row=dab_row,
+        t_um=t,
+        edge_um=edge,
+        area_um2=area,
+        elongation=elong,
+        h_nucleus=h_nuc,
+        h_around=hb,
+        density=density,
+        nb_index=nb_index,
+        nb_dist_um=nb_dist,
+    )
 
-    # Nucleus edge per ray: first fall below half-way between centre and surroundings.
-    r0 = radius_um.clamp(2.0, 8.0)
+
+def _h_samples(r0: torch.Tensor) -> torch.Tensor:
+    """(K,) int64: how many samples from the centre :func:`_nucleus` reads on each ray of a cell
+    of LoG radius ``r0`` (clamped to [2, 8] um): through the surroundings ring and through the
+    edge search's limit (the same float expressions as there, so the count is exact)."""
+    import torch
+
+    ring_end = ((r0 + 4.0) / RAY_STEP_UM).floor().long() + 1  # _band's end of the ring
+    limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
+    i_lim = (limit / RAY_STEP_UM).ceil().long()
+    return torch.maximum(ring_end, i_lim + 1)
+
+
+def _short_rays(
+    r0: torch.Tensor, dab_cells: torch.Tensor | None, s: int
+) -> tuple[torch.Tensor | None, int]:
+    """Cells sampled with haematoxylin-only rays of ``s_short`` samples, and ``s_short``: among
+    the cells without DAB, those whose nucleus fits in the length that saves most samples; None
+    when that saves nothing."""
+    import torch
+
+    if dab_cells is None or r0.numel() == 0:
+        return None, s
+    need = torch.where(dab_cells, s, _h_samples(r0).clamp(max=s))
+    counts = torch.bincount(need, minlength=s + 1).cumsum(0)  # cells that fit in n samples
+    saved = counts * (s - torch.arange(s + 1, device=r0.device))
+    best = int(saved.argmax())
+    if int(saved[best]) == 0:
+        return None, s
+    return need <= best, best
+
+
+def _merge(
+    k: int, i: torch.Tensor, a: torch.Tensor, j: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``a`` at indices ``i`` and rows ``b`` at ``j`` of a new (k, ...) tensor."""
+    import torch
+
+    out = torch.empty((k, *a.shape[1:]), dtype=a.dtype, device=a.device)
+    out[i] = a
+    out[j] = b
+    return out
+
+
+def _nucleus(
+    h: torch.Tensor, t: torch.Tensor, r0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nucleus outline from haematoxylin rays ``h`` (K, A, S) at radii ``t`` (S,): (edge (K, A),
+    mean haematoxylin in the nucleus, haematoxylin around it (K,)). Reads the first
+    :func:`_h_samples` samples of each ray only."""
+    import torch
+
+    _, a, s = h.shape
     # Weighted means over radial bands by prefix sums (see _band); weights t + step / 2 give each
-    # sample the area of its annulus.
+    # sample the area of its annulus. Haematoxylin bands end by 0.8 x the largest nucleus edge
+    # (< RAY_MAX_UM), so the prefix sums stop there (a prefix does not depend on later samples).
+    s_nuc = min(s, math.floor(0.8 * RAY_MAX_UM / RAY_STEP_UM) + 1)
     wpre = _prefix(t + RAY_STEP_UM / 2)
-    hw = _prefix(h * (t + RAY_STEP_UM / 2))
-    dw = _prefix(dab * (t + RAY_STEP_UM / 2))
-    r0 = radius_um.clamp(2.0, 8.0)
-    zero = torch.zeros_like(r0)
-    i0, i1 = _band(zero, (0.5 * r0).clamp_min(1.0), s)
-    h0 = _band_mean(hw, wpre, i0.view(-1, 1), i1.view(-1, 1)).mean(1)
+    hw = _prefix(h[..., :s_nuc] * (t[:s_nuc] + RAY_STEP_UM / 2))
+    h0 = _band_mean(hw, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s_nuc).view(-1, 1))
+    h0 = h0.mean(1)
     # Surroundings: the darkest sample of each ray in [r0 + 1.5, r0 + 4] um (at most 6 samples,
     # always inside the ray since r0 <= 8), then the median over rays.
     i0, i1 = _band(r0 + 1.5, r0 + 4.0, s)
-    span = torch.arange(math.floor(2.5 / RAY_STEP_UM) + 1, device=dev)
+    span = torch.arange(math.floor(2.5 / RAY_STEP_UM) + 1, device=h.device)
     ring_idx = torch.minimum(i0.view(-1, 1) + span, (i1 - 1).view(-1, 1))  # (K, 6)
     ring_min = h.gather(2, ring_idx.unsqueeze(1).expand(-1, a, -1)).amin(2)  # (K, A)
     hb = ring_min.median(1).values.clamp_min(0.0)
@@ -258,7 +395,7 @@ def sample_rays(
     i_lim = (limit / RAY_STEP_UM).ceil().long().view(-1, 1)
     below = h < thr.view(-1, 1, 1)
     below[..., 0] = False
-    idx = below.to(torch.uint8).argmax(2)  # first True, or 0 when none
+    idx = below.view(torch.uint8).argmax(2)  # first True, or 0 when none (bytes: no copy)
     found = below.gather(2, idx.unsqueeze(2)).squeeze(2)
     first = torch.where(found, torch.minimum(idx, i_lim), i_lim.expand_as(idx)).clamp_min(1)
     hi = h.gather(2, first.unsqueeze(2)).squeeze(2)
@@ -266,6 +403,15 @@ def sample_rays(
     frac = ((lo - thr.view(-1, 1)) / (lo - hi).clamp_min(1e-6)).clamp(0, 1)
     edge = (first.float() - 1 + frac) * RAY_STEP_UM
     edge = torch.minimum(edge.clamp_min(0.75), limit.view(-1, 1))
+    return edge, _nucleus_mean(hw, wpre, edge), hb
+
+
+def _outline_moments(
+    edge: torch.Tensor, dirs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Area (K,), elongation (K,) and centroid from the ray origin (K, 2) of the star outlines
+    with ``edge`` (K, A) along ``dirs`` (A, 2)."""
+    a = edge.shape[1]
     area = 0.5 * (edge**2).sum(1) * (2 * math.pi / a)
     # Elongation from the second moments of the filled outline (as regionprops measures it), not
     # of the outline points: at equal angles those crowd where the outline is close and read an
@@ -281,33 +427,7 @@ def sample_rays(
     tr, det = cyy + cxx, cyy * cxx - cxy**2
     disc = (tr * tr / 4 - det).clamp_min(0).sqrt()
     elong = ((tr / 2 + disc) / (tr / 2 - disc).clamp_min(1e-6)).sqrt().clamp(1.0, 10.0)
-    i0, i1 = _band(torch.zeros_like(edge), 0.8 * edge, s)
-    h_nuc = _band_mean(hw, wpre, i0, i1).mean(1)
-    dab_nuc = _band_mean(dw, wpre, i0, i1).mean(1)
-    # Centre of the measured outline (the star polygon's area centroid: each ray's triangle has
-    # area ~ edge^2 and its centroid 2/3 of the way out). The LoG peak sits on a ~1 um grid and
-    # drifts with chromatin texture and lobes (median 0.33 um off the true centre of synthetic
-    # tumour nuclei, against 0.10 um for the outline centroid); cell edges are bisectors between
-    # centres, so that error moves the edge a neighbour's membrane is told apart by.
-    shift = m1 * (MAX_CENTRE_SHIFT_UM / m1.norm(dim=1, keepdim=True).clamp_min(MAX_CENTRE_SHIFT_UM))
-    return Rays(
-        tile=tile,
-        yx_um=yx_um,
-        centre_um=yx_um + shift,
-        h=h,
-        dab=dab,
-        t_um=t,
-        edge_um=edge,
-        area_um2=area,
-        elongation=elong,
-        h_nucleus=h_nuc,
-        h_around=hb,
-        dab_nucleus=dab_nuc,
-        dab_wcum=dw,
-        density=density,
-        nb_index=nb_index,
-        nb_dist_um=nb_dist,
-    )
+    return area, elong, m1
 
 
 def measure_compartments(
@@ -344,8 +464,8 @@ def measure_compartments(
     """
     import torch
 
-    _, a, s = rays.h.shape
-    dev = rays.h.device
+    _, a, s = rays.dab.shape
+    dev = rays.dab.device
     theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
     dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
 
@@ -360,7 +480,8 @@ def measure_compartments(
     if k_all == 0:
         z = torch.zeros(0, device=dev)
         return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
-    ray_dab, dab_wcum, body = rows(rays.dab), rows(rays.dab_wcum), rows(body_radius_um)
+    ray_dab, body = rays.dab_rays(cells), rows(body_radius_um)
+    dab_wcum = _prefix(ray_dab * (rays.t_um + RAY_STEP_UM / 2))  # Rays.dab_wcum of these rows
     valid = nb_index >= 0
     nbi = nb_index.clamp_min(0)
     # Cell edges are found from the outline centres; the ray samples were taken from the detected
@@ -435,7 +556,7 @@ def measure_compartments(
     coverage = stained.float().mean(1)
     membrane = mem_ray.mean(1)
     mstained = _wmean(mem_ray, stained.float(), 1)
-    nucleus = rows(rays.dab_nucleus)
+    nucleus = _nucleus_mean(dab_wcum, wpre, edge_um)  # Rays.dab_nucleus of these rows
     return Compartments(edge_cell, nucleus, cytoplasm, membrane, mstained, coverage)
 
 
@@ -454,8 +575,7 @@ def _edge_profile(
     off = torch.tensor(EDGE_OFFSETS_UM, device=maps.device)
     p = off.numel()
     t = edge_um.unsqueeze(2) + off.view(1, 1, -1)  # (K, A, P)
-    offsets = (t.unsqueeze(3) * dirs[None, :, None, :]).reshape(k_all, a * p, 2)
-    samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*P), channel-major
+    samp = sample_points(maps, meas_mpp, tile, yx_um, t, dirs)  # (K, 2, A*P), channel-major
     h, dab = samp.transpose(0, 1).reshape(2, k_all, a, p)
     return h, dab
 
@@ -555,72 +675,3 @@ def _edge_shift(
     per_edge = across / count.clamp_min(1.0)
     shift = per_edge.gather(1, slot) / cos.clamp_min(MIN_EDGE_COS)
     return (shift * w).clamp(-MAX_EDGE_SHIFT_UM, MAX_EDGE_SHIFT_UM)
-
-
-def sample_points(
-    maps: torch.Tensor,
-    meas_mpp: float,
-    tile: torch.Tensor,
-    centre_um: torch.Tensor,
-    offset_um: torch.Tensor,
-) -> torch.Tensor:
-    """Bilinear samples of ``maps`` (N, C, H, W) at ``centre_um + offset_um``: centres (K, 2) in um
-    from the top-left corner of tile ``tile`` (K,), offsets (M, 2) shared by all items or (K, M, 2);
-    returns (K, C, M), a transposed view of channel-major (C, K, M) storage.
-
-    Points are clamped to their own tile (border padding), then all tiles are sampled as one tall
-    (C, N*H, W) image (stain-major maps, see :func:`deconvolve`, are viewed that way without a
-    copy): no padded per-tile grid and no gather afterwards. The CPU ``grid_sample`` runs one
-    thread per batch item, so the work is split into batch items: one per channel when there are
-    at least as many channels as threads (the output is then channel-major as it comes), else
-    the points are split into one part per thread.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    n_tiles, c, hh, ww = maps.shape
-    k = centre_um.shape[0]
-    m = offset_um.shape[-2]
-    dt, dev = maps.dtype, maps.device
-    tall = maps.transpose(0, 1)
-    tall = (tall if tall.is_contiguous() else tall.contiguous()).view(c, 1, n_tiles * hh, ww)
-    # Normalised (x, y) coordinates for align_corners=True (-1 / +1 = centres of the first / last
-    # pixel) of the tall image, where tile t occupies rows [t H, (t + 1) H). Clamping y to each
-    # point's own tile's pixel centres is padding_mode="border" per tile; x needs no clamp, the
-    # tall image's own border is every tile's. Each plane takes one add (y also one clamp) and
-    # one stack interleaves them.
-    sx = 2.0 / max(ww - 1, 1) / meas_mpp
-    sy = 2.0 / max(n_tiles * hh - 1, 1) / meas_mpp
-    top = (tile.to(dt) * (hh * meas_mpp * sy) - 1.0).view(-1, 1)  # first row of each tile
-    bottom = top + (hh - 1) * meas_mpp * sy
-    cx = ((centre_um[:, 1] - 0.5 * meas_mpp) * sx - 1.0).view(-1, 1)
-    cy = (centre_um[:, 0] - 0.5 * meas_mpp).view(-1, 1) * sy + top
-    gx = torch.add(cx, offset_um[..., 1] * sx)
-    gy = torch.add(cy, offset_um[..., 0] * sy)
-    gy = torch.minimum(torch.maximum(gy, top, out=gy), bottom, out=gy)
-    threads = torch.get_num_threads() if dev.type == "cpu" else 1
-    parts = 1 if c >= threads else threads
-    total = k * m
-    per = -(-total // parts) if total else 0
-    grid = torch.empty((parts * per, 2), dtype=dt, device=dev)
-    grid[total:] = 0.0
-    torch.stack([gx, gy], -1, out=grid[:total].view(k, m, 2))
-    if parts == 1:
-        # One batch item per channel, all sharing the grid (expanded: no copy).
-        samp = F.grid_sample(
-            tall,
-            grid.view(1, 1, total, 2).expand(c, -1, -1, -1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=True,
-        )  # (C, 1, 1, K*M)
-        return samp.view(c, k, m).transpose(0, 1)
-    samp = F.grid_sample(
-        tall.view(1, c, n_tiles * hh, ww).expand(parts, -1, -1, -1),
-        grid.view(parts, 1, per, 2),
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=True,
-    )  # (parts, C, 1, per)
-    flat = samp.view(parts * per) if c == 1 else samp.transpose(0, 1).reshape(c, parts * per)
-    return flat.view(c, parts * per)[:, :total].view(c, k, m).transpose(0, 1)

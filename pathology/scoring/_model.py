@@ -40,6 +40,7 @@ from pathology.scoring._celltype import (
 from pathology.scoring._detect import DETECT_MPP, detect_nuclei
 from pathology.scoring._markers import MarkerConfig
 from pathology.scoring._measure import (
+    MAX_CENTRE_SHIFT_UM,
     Compartments,
     Rays,
     _neighbours,
@@ -200,8 +201,15 @@ class CellScorer(nn.Module):
             conc = mean_pool(conc.transpose(0, 1), self.meas_factor).transpose(0, 1)
         return conc
 
-    def detect(self, maps: torch.Tensor) -> tuple[Rays, torch.Tensor, torch.Tensor]:
-        """Nuclei and their ray features: (rays, LoG response, LoG radius)."""
+    def detect(
+        self, maps: torch.Tensor, tile_hw: tuple[int, int] | None = None
+    ) -> tuple[Rays, torch.Tensor, torch.Tensor]:
+        """Nuclei and their ray features: (rays, LoG response, LoG radius).
+
+        With ``tile_hw`` (the input tiles' height and width), only cells that may end up centred
+        in the core get DAB rays (the others are neighbours only: their nucleus features are the
+        same, ``Rays.dab_rays`` refuses them); default: every cell.
+        """
         det = maps[:, :1]
         if self.marker.detection == "haematoxylin+dab":
             det = det + maps[:, 1:2].clamp_min(0)
@@ -210,7 +218,14 @@ class CellScorer(nn.Module):
         with self._step("detect", maps):
             peaks = detect_nuclei(det, self.det_mpp)
         with self._step("rays", maps):
-            rays = sample_rays(maps, self.meas_mpp, peaks.tile, peaks.yx_um, peaks.radius_um)
+            dab_cells = None
+            if tile_hw is not None:
+                # The outline centre moves at most MAX_CENTRE_SHIFT_UM from the detected one.
+                margin = MAX_CENTRE_SHIFT_UM + 0.5
+                dab_cells = self.in_core(peaks.yx_um, *tile_hw, margin_um=margin)
+            rays = sample_rays(
+                maps, self.meas_mpp, peaks.tile, peaks.yx_um, peaks.radius_um, dab_cells
+            )
         return rays, peaks.response, peaks.radius_um
 
     def classify(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +253,7 @@ class CellScorer(nn.Module):
         n, _, hh, ww = tiles.shape
         with self._step("deconvolve", tiles):
             maps = self.stain_maps(tiles)
-        rays, response, radius = self.detect(maps)
+        rays, response, radius = self.detect(maps, (hh, ww))
         with self._step("typing", tiles):
             feats = cell_features(rays, response, radius)
             cls, prob = self.classify(feats)
@@ -265,9 +280,12 @@ class CellScorer(nn.Module):
         with self._step("counts", tiles):
             return self._score(n, rays, cls, prob, comp, core)
 
-    def in_core(self, yx_um: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
-        """Cells (K, 2 um) centred in the core ``[halo, H - halo)`` of an (hh, ww) input tile."""
-        halo = self.halo_px
+    def in_core(
+        self, yx_um: torch.Tensor, hh: int, ww: int, margin_um: float = 0.0
+    ) -> torch.Tensor:
+        """Cells (K, 2 um) centred in the core ``[halo, H - halo)`` of an (hh, ww) input tile,
+        grown by ``margin_um`` on every side."""
+        halo = self.halo_px - margin_um / self.mpp
         y = yx_um[:, 0] / self.mpp - 0.5
         x = yx_um[:, 1] / self.mpp - 0.5
         return (y >= halo - 0.5) & (y < hh - halo - 0.5) & (x >= halo - 0.5) & (x < ww - halo - 0.5)
