@@ -20,11 +20,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pathology.errors import ConfigError, TileReadError
-from pathology.slide import block_mean, open_slide
+from pathology.slide import open_slide
 from pathology.tiling._grid import TileGrid, plan_grid
 from pathology.tiling._read import ReaderSpec, render_tile, worker_reader
 from pathology.tiling._store import (
-    PYRAMID_LEVELS,
     StoreMismatchError,
     TileStore,
     describe_mismatch,
@@ -133,14 +132,7 @@ def _tile_shard(
         block[y - y0 : y - y0 + bh, x - x0 : x - x0 + bw] = tile
     # Zarr writes a contiguous (c, y, x) block about twice as fast as a transposed view (it copies
     # every chunk out of a strided source), so transpose once here.
-    store.image[:, y0:y1, x0:x1] = np.ascontiguousarray(block.transpose(2, 0, 1))
-    level_block = block
-    for lvl in range(1, PYRAMID_LEVELS + 1):
-        level_block = block_mean(level_block, 2)
-        ly0, lx0 = y0 >> lvl, x0 >> lvl
-        store.group[str(lvl)][
-            :, ly0 : ly0 + level_block.shape[0], lx0 : lx0 + level_block.shape[1]
-        ] = np.ascontiguousarray(level_block.transpose(2, 0, 1))
+    store.write_shard(y0, x0, np.ascontiguousarray(block.transpose(2, 0, 1)))
     store.mark_shard(shard_rc, 2 if failed else 1)
     return len(tiles_rc), failed
 
@@ -393,6 +385,10 @@ def _open_or_create(
     if out_path.exists():
         try:
             existing = TileStore.open(out_path, mode="r+")
+        except StoreMismatchError:  # a tile store of a format this version cannot write
+            if not overwrite:
+                raise
+            existing = None
         except Exception:
             existing = None
         if existing is not None:
