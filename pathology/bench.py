@@ -271,7 +271,7 @@ def run_bench(
     target_mpp: float = 0.5,
     tile_px: int = 256,
     workers: int = 2,
-    scheduler: str = "processes",
+    scheduler: str = "threads",
     reader: str = "auto",
     marker: str = "p16",
     device: str = "auto",
