@@ -22,6 +22,7 @@ from pathology.errors import ConfigError, MissingMppError
 from pathology.slide import block_mean
 from pathology.synth import FAKE_PHI, SynthParams, synthesize_slide
 from pathology.tiling import StoreMismatchError, TileStore, plan_grid, render_tile, tile_slide
+from pathology.tiling._store import halve_chw
 
 # --------------------------------------------------------------------------- grid maths
 
@@ -88,6 +89,17 @@ def test_block_mean_fast_path_matches_the_definition() -> None:
     np.testing.assert_array_equal(block_mean(img, 2), expected.astype(np.uint8))
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 96), (3, 2048, 2048), (3, 75, 33), (3, 1, 1)])
+def test_halve_chw_is_block_mean_by_two(shape: tuple[int, int, int]) -> None:
+    # The pyramid reduces each channel plane on its own; it must give block_mean's pixels.
+    rng = np.random.default_rng(sum(shape))
+    chw = rng.integers(0, 256, shape, dtype=np.uint8)
+    out = halve_chw(chw)
+    expected = block_mean(np.ascontiguousarray(chw.transpose(1, 2, 0)), 2).transpose(2, 0, 1)
+    assert out.shape == (3, -(-shape[1] // 2), -(-shape[2] // 2)) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_resampled_tiles_are_antialiased() -> None:
     # A 1-px checkerboard has no content at a coarser scale: a correct reduction is flat grey,
     # point sampling would alias it into stripes.
@@ -124,8 +136,16 @@ def test_store_layout_pixels_and_provenance(synth_svs: Path, tmp_path: Path) -> 
     group = zarr.open_group(store_path, mode="r")  # plain zarr, no pathology code
     image = group["0"]
     assert image.shape == (3, 1100, 1500) and image.dtype == np.uint8
-    assert image.chunks == (3, 256, 256) and image.shards == (3, 2048, 2048)
+    # Shards of 8 x 8 tiles (one file each), inner chunks of 2 x 2 tiles (format 2).
+    assert image.shards == (3, 2048, 2048) and image.chunks == (3, 512, 512)
     assert group["1"].shape == (3, 550, 750) and group["3"].shape == (3, 138, 188)
+    assert [group[str(lvl)].chunks for lvl in (1, 2, 3)] == [
+        (3, 1024, 1024),
+        (3, 512, 512),
+        (3, 256, 256),
+    ]
+    assert group.attrs["pathology"]["format_version"] == 2
+    assert group.attrs["pathology"]["chunk_tiles"] == 2
     ome = group.attrs["ome"]
     assert ome["version"] == "0.5"
     assert [d["path"] for d in ome["multiscales"][0]["datasets"]] == ["0", "1", "2", "3"]
@@ -258,6 +278,66 @@ def test_resume_after_sigkill_gives_the_pixels_of_an_uninterrupted_run(
     a, b = zarr.open_group(killed, mode="r"), zarr.open_group(clean, mode="r")
     for name in ("0", "1", "2", "3"):
         np.testing.assert_array_equal(a[name][...], b[name][...])
+
+
+def test_format_1_stores_stay_readable_and_resumable(
+    synth_svs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store written before format 2 (inner chunk = one tile) is read and resumed in its own
+    # layout, with the pixels of a format-2 store of the same slide.
+    from pathology.batch._shards import plan_shards, read_shard_tiles
+    from pathology.tiling import _store
+
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    kwargs = {"target_mpp": 0.25, "tile_px": 256, "min_tissue": 0.0, "shard_tiles": 4}
+    with monkeypatch.context() as m:
+        m.setattr(_store, "CHUNK_TILES", 1)  # the layout format 1 wrote
+        tile_slide(synth_svs, old, **kwargs)
+    assert zarr.open_group(old, mode="r")["0"].chunks == (3, 256, 256)
+    # Tear two finished shards: progress flag cleared, shard file of level 0 deleted.
+    store = TileStore.open(old, mode="r+")
+    assert store.meta["format_version"] == 1 and store.is_complete()
+    for shard_rc in ((0, 0), (1, 1)):
+        store.mark_shard(shard_rc, 0)
+        (old / "0" / "c" / "0" / str(shard_rc[0]) / str(shard_rc[1])).unlink()
+    resumed = tile_slide(synth_svs, old, **kwargs)
+    assert resumed.shards_written == 2 and resumed.shards_skipped == store.shard_progress.size - 2
+    tile_slide(synth_svs, new, **kwargs)
+
+    a, b = TileStore.open(old), TileStore.open(new)
+    assert a.image.chunks == (3, 256, 256) and b.image.chunks == (3, 512, 512)
+    assert a.meta["format_version"] == 1 and b.meta["format_version"] == 2
+    for name in ("0", "1", "2", "3"):
+        np.testing.assert_array_equal(a.group[name][...], b.group[name][...])
+    # The scorer's reads (a shard with its halo) and single-tile reads agree too.
+    table = a.table()
+    for shard in plan_shards(table, 4)[:3]:
+        np.testing.assert_array_equal(
+            read_shard_tiles(a.image, shard.tiles_rc, 256, 32),
+            read_shard_tiles(b.image, shard.tiles_rc, 256, 32),
+        )
+    row, col = int(table["row"][-1]), int(table["col"][-1])
+    np.testing.assert_array_equal(
+        a.read_tile(row, col, overlap_px=16), b.read_tile(row, col, overlap_px=16)
+    )
+
+
+def test_store_of_a_newer_format_is_refused_with_one_line(
+    synth_svs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "future.zarr"
+    tile_slide(synth_svs, store, target_mpp=1.0)
+    group = zarr.open_group(store, mode="r+")
+    meta = dict(group.attrs["pathology"])
+    meta["format_version"] = 99
+    group.attrs["pathology"] = meta
+    with pytest.raises(StoreMismatchError, match=r"format_version 99.*--overwrite"):
+        TileStore.open(store)
+    assert main(["tile", str(synth_svs), "--out", str(store), "--mpp", "1.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "re-tile with --overwrite" in err
+    result = tile_slide(synth_svs, store, target_mpp=1.0, overwrite=True)
+    assert result.shards_skipped == 0 and TileStore.open(store).meta["format_version"] == 2
 
 
 # --------------------------------------------------------------------------- real and odd slides

@@ -99,7 +99,7 @@ class ScoreSettings:
     device : str
         ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     workers : int
-        Tiling processes and shard-reading threads.
+        Tiling threads and shard-reading threads.
     batch_size : int
         Tiles per forward pass.
     model : str
@@ -549,8 +549,9 @@ def _store_source(
         tile_px=settings.tile_px,
         min_tissue=settings.min_tissue,
         workers=settings.workers,
-        # One worker gains nothing from a process pool but pays its start-up (~1.5 s per slide).
-        scheduler="sync" if settings.workers == 1 else "processes",
+        # Threads: a process pool costs each worker its start-up and imports (0.6-1 CPU-s), more
+        # than the GIL costs the threads now that the store's writes are cheap (README).
+        scheduler="sync" if settings.workers == 1 else "threads",
         slide_mpp=job.mpp,
         overwrite=overwrite,
         progress=on_tiles,

@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=float, default=0.5, help="target microns per pixel (default 0.5)")
     p.add_argument("--tile", type=int, default=256, help="tile edge in px (default 256)")
     p.add_argument("--workers", type=int, default=2, help="parallel workers (default 2)")
-    p.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="processes")
+    p.add_argument("--scheduler", choices=("threads", "processes", "sync"), default="threads")
     p.add_argument("--reader", choices=("auto", "openslide", "direct"), default="auto")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument(

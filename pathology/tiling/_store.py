@@ -4,19 +4,23 @@ Layout of ``STORE.zarr`` (a Zarr v3 group; everything readable with plain ``zarr
 
     zarr.json            attributes: "ome" (OME-NGFF 0.5 multiscales, for napari and other viewers)
                          and "pathology" (format, provenance, grid, tiling parameters; no PHI)
-    0/                   image at the target mpp, (3, H, W) uint8 (c, y, x), chunk = one tile,
-                         sharded by ``shard_tiles x shard_tiles`` tiles; only tissue chunks exist
-                         (fill value 255 = white glass)
-    1/ 2/ 3/             the same image reduced 2x, 4x, 8x (2x2 block means) for viewers
+    0/                   image at the target mpp, (3, H, W) uint8 (c, y, x), sharded by
+                         ``shard_tiles x shard_tiles`` tiles (one file per shard; only shards with
+                         tissue exist, fill value 255 = white glass); inner chunks of
+                         ``chunk_tiles x chunk_tiles`` tiles (2 x 2 since format 2, one tile in
+                         format 1 stores, which stay readable and resumable)
+    1/ 2/ 3/             the same image reduced 2x, 4x, 8x (2x2 block means) for viewers, one chunk
+                         per shard
     tissue_mask          (h, w) uint8 0/255 tissue mask at thumbnail scale (attrs: downsample_xy)
     tiles/               the tile table, one row per tissue tile, as 1-D arrays:
                          row, col, x, y (output px), l0_x, l0_y, l0_w, l0_h (level-0 px), tissue
     progress/shards      (shard rows, shard cols) uint8: 1 = shard written completely, 2 = written
                          with unreadable tiles; one file per shard, set after the shard's image data
 
-A task writes one whole shard (and the matching pyramid chunks) and only then sets its progress
-flag. Zarr's local store writes every file atomically, so a run killed at any instant leaves each
-shard either complete and flagged, or to be redone: a rerun redoes exactly the unflagged shards.
+A task writes one whole shard (and the matching pyramid chunks, :meth:`TileStore.write_shard`) and
+only then sets its progress flag. Zarr's local store writes every file atomically, so a run killed
+at any instant leaves each shard either complete and flagged, or to be redone: a rerun redoes
+exactly the unflagged shards.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import datetime as _dt
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +42,13 @@ from pathology.tiling._grid import TileGrid
 __all__ = ["FORMAT", "FORMAT_VERSION", "PYRAMID_LEVELS", "StoreMismatchError", "TileStore"]
 
 FORMAT = "pathology.tiles"
-FORMAT_VERSION = 1
+#: 2: inner chunks of ``chunk_tiles x chunk_tiles`` tiles (format 1: one tile). Readers slice the
+#: arrays, so both read the same; only the write cost differs (README, "Store cost").
+FORMAT_VERSION = 2
+#: Inner chunk edge in tiles (when it divides ``shard_tiles``): zarr-python's cost per chunk
+#: (event-loop tasks, a thread hand-off, a copy out of the shard) was most of the store's CPU time
+#: with one-tile chunks; 2 x 2 tiles keeps a single-tile read to one ~0.8 MB chunk.
+CHUNK_TILES = 2
 #: Reduced copies for viewers: 2x, 4x, 8x.
 PYRAMID_LEVELS = 3
 _TABLE_COLUMNS = ("row", "col", "x", "y", "l0_x", "l0_y", "l0_w", "l0_h", "tissue")
@@ -67,6 +77,7 @@ class TileStore:
 
     path: Path
     group: Any  # zarr.Group
+    _writers: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ creation and opening
 
@@ -84,8 +95,13 @@ class TileStore:
         shard_tiles: int,
         codec: str,
         overwrite: bool = False,
+        chunk_tiles: int | None = None,
     ) -> TileStore:
-        """Create a new, empty store; refuses to replace an existing path unless ``overwrite``."""
+        """Create a new, empty store; refuses to replace an existing path unless ``overwrite``.
+
+        ``chunk_tiles`` (inner chunk edge in tiles) defaults to :data:`CHUNK_TILES` where that
+        divides ``shard_tiles``, else 1; 1 gives the format-1 layout (tests of old stores).
+        """
         import zarr
 
         p = Path(path)
@@ -96,32 +112,34 @@ class TileStore:
         w, h = grid.out_size
         t = grid.tile_px
         shard_px = t * shard_tiles
+        if chunk_tiles is None:
+            chunk_tiles = CHUNK_TILES if shard_tiles % CHUNK_TILES == 0 else 1
+        if chunk_tiles < 1 or shard_tiles % chunk_tiles:
+            raise PathologyError(f"chunk_tiles {chunk_tiles} must divide shard_tiles {shard_tiles}")
+        chunk_px = t * chunk_tiles
         rows, cols = grid.shape
         attrs = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if chunk_tiles != 1 else 1,
             "params": params,
             "grid": grid.to_dict(),
             "shard_tiles": shard_tiles,
+            "chunk_tiles": chunk_tiles,
             "codec": codec,
             "provenance": provenance,
             "n_tissue_tiles": len(table["row"]),
         }
         group = zarr.open_group(p, mode="w-", zarr_format=3)
         codecs = image_codecs(codec)
-        # write_empty_chunks=True: zarr 3.1's fill-value check costs ~0.4 ms per chunk on its single
-        # event-loop thread (more than LZ4 itself) and halves whole-shard write rates. A glass chunk
-        # inside a tissue shard then costs a few bytes of LZ4; all-glass shards are never written.
         common: dict[str, Any] = {
             "dtype": "uint8",
             "fill_value": 255,
             "dimension_names": ("c", "y", "x"),
-            "config": {"write_empty_chunks": True},
         }
         group.create_array(
             "0",
             shape=(3, h, w),
-            chunks=(3, t, t),
+            chunks=(3, chunk_px, chunk_px),
             shards=(3, shard_px, shard_px),
             **codecs,
             **common,
@@ -183,6 +201,12 @@ class TileStore:
             ) from exc
         if meta.get("format") != FORMAT:
             raise PathologyError(f"{p}: not a pathology tile store (format {meta.get('format')!r})")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{p}: tile store format_version {version!r}, this pathology reads 1 to "
+                f"{FORMAT_VERSION}; upgrade pathology or re-tile with --overwrite"
+            )
         return cls(p, group)
 
     # ------------------------------------------------------------------ accessors
@@ -225,6 +249,39 @@ class TileStore:
     def mark_shard(self, shard_rc: tuple[int, int], status: int) -> None:
         self.group["progress/shards"][shard_rc[0], shard_rc[1]] = np.uint8(status)
 
+    def _writer(self, name: str) -> Any:
+        """Image array ``name`` opened once for writing, without zarr's fill-value check.
+
+        ``write_empty_chunks`` is a run-time setting, not stored metadata: an array reopened from
+        the group has the default (False), and zarr then compares every chunk with the fill value
+        before encoding it, which cost as much CPU as LZ4 itself (README, "Store cost"). A glass
+        chunk inside a tissue shard then costs a few bytes of LZ4; all-glass shards are never
+        written at all.
+        """
+        arr = self._writers.get(name)
+        if arr is None:
+            arr = self._writers[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return arr
+
+    def write_shard(self, y0: int, x0: int, block_chw: NDArray[np.uint8]) -> None:
+        """Write the image block at ``(y0, x0)`` and its 2x, 4x, 8x reductions, one zarr call each.
+
+        Parameters
+        ----------
+        y0, x0 : int
+            Top-left in ``out`` pixels; a multiple of the shard edge (so the reductions land on
+            whole pyramid chunks).
+        block_chw : ndarray (3, h, w) uint8, C-contiguous
+            One whole shard (cut at the image's right and bottom edges).
+        """
+        level = block_chw
+        for lvl in range(PYRAMID_LEVELS + 1):
+            if lvl:
+                level = halve_chw(level)
+            _, h, w = level.shape
+            ly0, lx0 = y0 >> lvl, x0 >> lvl
+            self._writer(str(lvl))[:, ly0 : ly0 + h, lx0 : lx0 + w] = level
+
     def read_tile(self, row: int, col: int, *, overlap_px: int | None = None) -> NDArray[np.uint8]:
         """Tile ``(row, col)`` as (3, T, T) uint8 with ``overlap_px`` (default: the store's) on each
         side; pixels outside the image are white."""
@@ -238,6 +295,26 @@ class TileStore:
         if xb > xa and yb > ya:
             out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = self.image[:, ya:yb, xa:xb]
         return out
+
+
+def halve_chw(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """2x2 block means of a (c, h, w) uint8 image, rounded half up (as :func:`block_mean`).
+
+    Returns (c, ceil(h / 2), ceil(w / 2)) uint8, C-contiguous. Each channel is reduced as its own
+    8-bit plane by Pillow (no interleaving to RGBA and back: ~1.5x faster than reducing the
+    (h, w, 3) block); odd edges go through :func:`block_mean`'s exact path.
+    """
+    from pathology.slide import block_mean
+
+    c, h, w = image.shape
+    if h % 2 or w % 2:
+        return np.ascontiguousarray(block_mean(image.transpose(1, 2, 0), 2).transpose(2, 0, 1))
+    from PIL import Image
+
+    out = np.empty((c, h // 2, w // 2), np.uint8)
+    for k in range(c):
+        out[k] = np.asarray(Image.fromarray(np.ascontiguousarray(image[k])).reduce(2))
+    return out
 
 
 def _ome_metadata(grid: TileGrid, name: str) -> dict[str, Any]:
