@@ -30,6 +30,7 @@ import numpy as np
 
 from pathology.scoring import CELL_CLASSES, fit_cell_types, training_cells
 from pathology.synth import SynthParams, render_region
+from pathology.synth._svs import jpeg_round_trip
 
 PRESETS = ("p16_positive", "p16_negative", "pdl1_cps_ge20", "pdl1_cps_1_19", "ki67")
 MARKER = {"p16": "p16", "pdl1": "pdl1", "ki67": "ki67"}
@@ -42,10 +43,12 @@ MPPS_SHRUNK = (0.25, 0.25, 0.5)
 
 
 def collect(
-    seeds: range, size: int, scales: tuple[float, ...] = (1.0,)
+    seeds: range, size: int, scales: tuple[float, ...] = (1.0,), jpeg: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feature rows and labels of every (seed, preset, scale): a region rendered at ``mpp / f``
-    and detected as if at ``mpp``, so every length the detector sees is ``f`` x the true one."""
+    and detected as if at ``mpp``, so every length the detector sees is ``f`` x the true one.
+    ``jpeg``: every other region goes through the SVS writer's JPEG (q90, 4:2:0) first, as a
+    scanned slide's pixels do."""
     feats, labels = [], []
     for seed in seeds:
         for k, preset in enumerate(PRESETS):
@@ -56,7 +59,8 @@ def collect(
                 r = render_region(p)
                 xy = np.array([(c.x, c.y) for c in r.truth.cells], np.float64)
                 types = [c.type for c in r.truth.cells]
-                tc = training_cells(r.rgb, xy, types, mpp=mpp, marker=MARKER[p.marker])
+                rgb = jpeg_round_trip(r.rgb) if jpeg and (seed + k) % 2 else r.rgb
+                tc = training_cells(rgb, xy, types, mpp=mpp, marker=MARKER[p.marker])
                 feats.append(tc.features)
                 labels.append(tc.labels)
     return np.concatenate(feats), np.concatenate(labels)
@@ -79,25 +83,30 @@ def main(argv: list[str] | None = None) -> int:
         default="1.0,0.75,0.6,0.5",
         help="comma-separated length factors f (1.0 = true size; see the module docstring)",
     )
+    ap.add_argument(
+        "--jpeg",
+        action="store_true",
+        help="pass every other region through the SVS writer's JPEG (q90, 4:2:0), train and test",
+    )
     args = ap.parse_args(argv)
     scales = tuple(float(f) for f in args.scales.split(","))
     if not scales or any(not 0.2 <= f <= 1.0 for f in scales):
         ap.error(f"--scales must be factors in 0.2-1.0, got {args.scales!r}")
     train, test = range(100, 100 + args.train_seeds), range(900, 900 + args.test_seeds)
-    xtr, ytr = collect(train, args.size, scales)
+    xtr, ytr = collect(train, args.size, scales, args.jpeg)
     meta = {
         "fitted": dt.date.today().isoformat(),
         "fitted_on": f"synthetic regions {args.size}px, presets {', '.join(PRESETS)}, seeds "
         f"100-{99 + args.train_seeds}; true size at mpp {sorted(set(MPPS))}; lengths shrunk by "
         f"f = {', '.join(str(f) for f in scales if f != 1.0) or 'none'} (rendered at mpp / f, "
         f"detected at mpp {sorted(set(MPPS_SHRUNK))}); stains and glass estimated per region, "
-        "as at scoring",
+        "as at scoring" + ("; every other region through JPEG q90 4:2:0" if args.jpeg else ""),
         "held_out": f"seeds 900-{899 + args.test_seeds}, each scale",
     }
     model = fit_cell_types(xtr, ytr, meta=meta)
     by_scale: dict[float, np.ndarray] = {}
     for f in scales:
-        xte, yte = collect(test, args.size, (f,))
+        xte, yte = collect(test, args.size, (f,), args.jpeg)
         cm = confusion(model, xte, yte)
         by_scale[f] = cm
         rec = [round(float(cm[i, i] / max(1, cm[i].sum())), 3) for i in range(len(CELL_CLASSES))]

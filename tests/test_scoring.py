@@ -26,6 +26,7 @@ from pathology.scoring._celltype import FEATURES
 from pathology.scoring._device import run_halving
 from pathology.stain import DAB, EOSIN, HAEMATOXYLIN, StainMatrix, od_to_rgb, rgb_to_od
 from pathology.synth import SynthParams, render_region
+from pathology.synth._svs import jpeg_round_trip
 
 SHIFTED = ((0.55, 0.76, 0.35), (0.33, 0.62, 0.71))  # ~7.5 and ~6 degrees off the references
 
@@ -508,27 +509,11 @@ def _accuracy_render(preset: str, seed: int, over: tuple[tuple[str, object], ...
     return p, render_region(p)
 
 
-def _jpeg_round_trip(rgb: np.ndarray) -> np.ndarray:
-    """Encode as the synthetic SVS writer does (256 px tiles, q90, 4:2:0) and decode."""
-    import imagecodecs
-
-    from pathology.synth._svs import TILE, encode_tiles
-
-    h, w = rgb.shape[:2]
-    assert h % TILE == 0 and w % TILE == 0
-    blobs = iter(encode_tiles(rgb, 90))
-    out = np.empty_like(rgb)
-    for y in range(0, h, TILE):
-        for x in range(0, w, TILE):
-            out[y : y + TILE, x : x + TILE] = imagecodecs.jpeg_decode(next(blobs))
-    return out
-
-
 @pytest.mark.parametrize(("preset", "seed", "over", "jpeg"), _accuracy_params())
 def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jpeg: bool) -> None:
     p, r = _accuracy_render(preset, seed, tuple(sorted(over.items())))
     v = r.truth.values
-    rgb = _jpeg_round_trip(r.rgb) if jpeg else r.rgb
+    rgb = jpeg_round_trip(r.rgb) if jpeg else r.rgb
     t = score_image(rgb, p.marker, mpp=p.mpp, device="cpu").total()
     nt, tp = t["tumor_cells"], t["tumor_positive"]
     assert abs(nt - v.tumor_cells) <= 0.10 * v.tumor_cells

@@ -477,3 +477,16 @@ def test_cli_writes_refuses_to_overwrite_and_reports_bad_params(tmp_path: Path, 
     assert not bad.exists()
     assert main(["synth", str(bad), "--size", "big"]) == 2
     assert "--size" in capsys.readouterr().err
+
+
+def test_jpeg_round_trip_is_the_svs_writers_codec() -> None:
+    from pathology.synth._svs import jpeg_round_trip
+
+    p = SynthParams.preset("pdl1_cps_ge20", width=512, height=256, mpp=0.5, seed=1)
+    rgb = render_region(p).rgb
+    out = jpeg_round_trip(rgb)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - rgb.astype(int))
+    assert 0 < diff.mean() < 3.0  # lossy, but q90
+    with pytest.raises(ValueError, match="not a whole number of 256 px tiles"):
+        jpeg_round_trip(rgb[:200])

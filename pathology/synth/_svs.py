@@ -27,7 +27,15 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["APERIO_HEADER", "FAKE_PHI", "TILE", "downsample4", "encode_tiles", "write_svs"]
+__all__ = [
+    "APERIO_HEADER",
+    "FAKE_PHI",
+    "TILE",
+    "downsample4",
+    "encode_tiles",
+    "jpeg_round_trip",
+    "write_svs",
+]
 
 TILE = 256
 APERIO_HEADER = "Aperio Image Library v12.0.0"
@@ -71,6 +79,23 @@ def encode_tiles(band: RGB, quality: int) -> list[bytes]:
                 outcolorspace="YCBCR",
             )
             out.append(bytes(tile))  # already bytes: no copy
+    return out
+
+
+def jpeg_round_trip(rgb: RGB, quality: int = 90) -> RGB:
+    """``rgb`` (h, w, 3), both multiples of ``TILE``, as a scan's pixels after the SVS writer's
+    JPEG (:func:`encode_tiles`: 256 px tiles, YCbCr 4:2:0) and a decoder: what scoring a written
+    slide sees, as opposed to the raw render."""
+    import imagecodecs
+
+    h, w = rgb.shape[:2]
+    if h % TILE or w % TILE:
+        raise ValueError(f"image {h} x {w} px is not a whole number of {TILE} px tiles")
+    blobs = iter(encode_tiles(rgb, quality))
+    out = np.empty_like(rgb)
+    for y in range(0, h, TILE):
+        for x in range(0, w, TILE):
+            out[y : y + TILE, x : x + TILE] = imagecodecs.jpeg_decode(next(blobs))
     return out
 
 
