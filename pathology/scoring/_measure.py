@@ -328,9 +328,15 @@ def _h_samples(r0: torch.Tensor) -> torch.Tensor:
     import torch
 
     ring_end = ((r0 + 4.0) / RAY_STEP_UM).floor().long() + 1  # _band's end of the ring
-    limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
-    i_lim = (limit / RAY_STEP_UM).ceil().long()
+    _, i_lim = _edge_limit(r0)
     return torch.maximum(ring_end, i_lim + 1)
+
+
+def _edge_limit(r0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K,) furthest nucleus edge (um) the edge search of :func:`_nucleus` accepts for LoG radius
+    ``r0``, and its sample index (the first at or beyond it)."""
+    limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
+    return limit, (limit / RAY_STEP_UM).ceil().long()
 
 
 def _short_rays(
@@ -391,8 +397,8 @@ def _nucleus(
     thr = 0.5 * (h0 + hb)
     # Nucleus edge per ray: the first sample (after the centre) below half-way between centre and
     # surroundings, or the first at or beyond ``limit``.
-    limit = (2.2 * r0).clamp(max=RAY_MAX_UM - RAY_STEP_UM)
-    i_lim = (limit / RAY_STEP_UM).ceil().long().view(-1, 1)
+    limit, i_lim = _edge_limit(r0)
+    i_lim = i_lim.view(-1, 1)
     below = h < thr.view(-1, 1, 1)
     below[..., 0] = False
     idx = below.view(torch.uint8).argmax(2)  # first True, or 0 when none (bytes: no copy)
