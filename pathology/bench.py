@@ -21,7 +21,8 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
   tiles); skipped, with the reason in ``jpeg_batch_decoder``, when that level is not JPEG or the
   direct path refuses the slide.
 - ``model``: the scoring model alone (:func:`pathology.scoring.run_model`, batches of
-  ``batch_size``) on tiles already in memory, (N, 3, T + 2 halo, T + 2 halo) uint8 cut from the
+  ``batch_size``, on the CPU ``workers`` batches at once as the product scores) on tiles already
+  in memory, (N, 3, T + 2 halo, T + 2 halo) uint8 cut from the
   store: the model's cost without any loading. Repeated until it has run ``MODEL_MIN_S`` seconds,
   then one more pass with per-step timing: ``model_steps_pct`` says where the model's time goes
   (deconvolve, detect, rays, typing, compartments, counts).
@@ -205,10 +206,11 @@ def _tiles_in_memory(store: Any, halo_px: int, limit: int) -> tuple[NDArray[np.u
 
 
 def _time_model(
-    scorer: Any, tiles: NDArray[np.uint8], batch_size: int
+    scorer: Any, tiles: NDArray[np.uint8], batch_size: int, workers: int
 ) -> tuple[int, float, dict[str, float]]:
-    """(tiles scored, seconds) of repeated :func:`run_model` passes over in-memory tiles, and the
-    seconds per model step of one more pass (:meth:`CellScorer.step_times`)."""
+    """(tiles scored, seconds) of repeated :func:`run_model` passes over in-memory tiles, with
+    ``workers`` batches at once on the CPU as the product scores, and the seconds per model step
+    of one more pass, one batch at a time (:meth:`CellScorer.step_times`)."""
     import torch
 
     from pathology.scoring._api import run_model
@@ -222,7 +224,7 @@ def _time_model(
     while seconds < MODEL_MIN_S or done == 0:
         _sync(device)
         t0 = time.perf_counter()
-        run_model(scorer, batch, batch_size)
+        run_model(scorer, batch, batch_size, workers=workers)
         _sync(device)
         seconds += time.perf_counter() - t0
         done += len(tiles)
@@ -543,7 +545,7 @@ def _score_stages(
     bench.notes["halo_px"] = halo_px
     if "model" in stages:
         say(f"model alone ({len(tiles)} tiles in memory, batch {batch_size})")
-        done, seconds, steps = _time_model(scorer, tiles, batch_size)
+        done, seconds, steps = _time_model(scorer, tiles, batch_size, bench.workers)
         total = sum(steps.values()) or 1.0
         bench.notes["model_steps_pct"] = {k: round(100 * v / total, 1) for k, v in steps.items()}
         bench.seconds["model"] = seconds
@@ -555,13 +557,20 @@ def _score_stages(
         _sync(dev)
         t0 = time.perf_counter()
         scores = score_store(
-            store, scorer, parts_dir, batch_size=batch_size, read_workers=bench.workers
+            store,
+            scorer,
+            parts_dir,
+            batch_size=batch_size,
+            read_workers=bench.workers,
+            model_workers=bench.workers,
         )
         _sync(dev)
         seconds = time.perf_counter() - t0
         bench.seconds["scoring"] = seconds
         bench.rates["scoring"] = bench.tiles / seconds
-        bench.notes["scoring_model_busy_pct"] = round(100 * scores.model_s / seconds, 1)
+        bench.notes["scoring_model_busy_pct"] = round(
+            100 * scores.model_s / (seconds * scores.model_workers), 1
+        )
         names = list(scores.count_names)
         kinds = [names.index(k) for k in ("tumor_cells", "immune_cells", "other_cells")]
         bench.notes["scoring_cells"] = int(scores.counts[:, kinds].sum())
@@ -626,7 +635,8 @@ def _end_to_end(
     split = record.get("timings_s", {})
     bench.notes[f"{name}_split_s"] = split
     # Share of the whole run the model was busy (on a GPU: the device's share, copies included).
-    bench.notes[f"{name}_model_busy_pct"] = round(100 * split.get("scoring_model", 0) / seconds, 1)
+    busy = split.get("scoring_model", 0) / split.get("scoring_model_workers", 1)
+    bench.notes[f"{name}_model_busy_pct"] = round(100 * busy / seconds, 1)
     # Cost model: tiling and scoring grow with the tiles; everything else is paid once per slide.
     per_tile_s = split.get("tiling", 0.0) + split.get("scoring", 0.0)
     if per_tile_s > 0:

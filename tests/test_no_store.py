@@ -224,7 +224,10 @@ def test_resume_after_an_interrupted_run(
         from pathology.batch import ScoreSettings, SlideJob, score_slide
 
         job = SlideJob(slide_id="big", path=big_slide, marker="p16")
-        score_slide(job, out, ScoreSettings(workers=1, geojson=False, store=not first))
+        # Two workers: on the CPU two shards are read and scored at once, so the run dies with
+        # another shard in flight (its part must not be written); the resumed run and the clean
+        # one score one shard at a time, so the equality below also checks parallel = serial.
+        score_slide(job, out, ScoreSettings(workers=2, geojson=False, store=not first))
     parts = out / "big" / "work" / "parts"
     assert sorted(p.name for p in parts.glob("shard-*.npz")) == sorted(saved)
     assert (out / "big" / "tiles.zarr").exists() is not bool(first)

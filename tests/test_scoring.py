@@ -18,7 +18,9 @@ from pathology.scoring import (
     fit_cell_types,
     load_cell_types,
     load_marker,
+    load_model,
     resolve_device,
+    run_model,
     score_image,
     score_tiles,
 )
@@ -394,6 +396,14 @@ def test_score_tiles_layouts_blank_tiles_and_errors() -> None:
     nchw = score_tiles(tiles.transpose(0, 3, 1, 2).copy(), "ki67", mpp=0.5, device="cpu")
     assert nhwc.counts.shape == (3, len(nhwc.count_names))
     np.testing.assert_array_equal(nhwc.counts, nchw.counts)
+    # Batches of one tile scored two at a time in threads: the same records, in the same order.
+    scorer = load_model("ki67", 0.5, device="cpu")
+    serial = run_model(scorer, tiles, batch_size=1)
+    threaded = run_model(scorer, tiles, batch_size=1, workers=2)
+    assert serial.counts[0, 0] > 5
+    np.testing.assert_array_equal(threaded.counts, serial.counts)
+    for name, values in serial.cells.items():
+        np.testing.assert_array_equal(threaded.cells[name], values, err_msg=name)
     assert nhwc.counts[2].sum() == 0  # glass has no cells
     assert nhwc.counts[0, 0] > 5 and nhwc.device == "cpu" and nhwc.model == "physics-v1"
     k = len(nhwc.cells["x"])

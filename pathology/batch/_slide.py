@@ -99,7 +99,9 @@ class ScoreSettings:
     device : str
         ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     workers : int
-        Tiling threads and shard-reading threads.
+        Tiling threads, and on the CPU shards scored at once (each read and scored in its own
+        thread with one torch thread: :func:`~pathology.batch._shards.score_image`); on CUDA,
+        shard-reading threads ahead of the one model.
     batch_size : int
         Tiles per forward pass.
     model : str
@@ -387,6 +389,7 @@ def score_slide(
             work / "parts",
             batch_size=settings.batch_size,
             read_workers=settings.workers,
+            model_workers=settings.workers,
             progress=on_tiles,
             is_bad=source.is_bad,
         )
@@ -500,9 +503,11 @@ def score_slide(
             "stains": round(t_stains, 3),
             "scoring": round(t_scoring, 3),
             "outputs": round(t_outputs, 3),
-            # Within scoring: in the model, and waiting for tiles (read ahead in threads).
+            # Within scoring: in the model (summed over the model workers), and waiting for
+            # tiles read ahead in threads (one model worker only).
             "scoring_model": round(scores.model_s, 3),
             "scoring_read_wait": round(scores.read_wait_s, 3),
+            "scoring_model_workers": scores.model_workers,
         },
         "shards": {"scored": scores.shards_scored, "resumed": scores.shards_skipped},
         "tile_store": source.store is not None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,12 @@ from numpy.typing import NDArray
 
 from pathology.errors import ConfigError
 from pathology.scoring._celltype import CellTypeModel, load_cell_types
-from pathology.scoring._device import resolve_device, run_halving, tune_host_allocator
+from pathology.scoring._device import (
+    resolve_device,
+    run_halving,
+    torch_threads,
+    tune_host_allocator,
+)
 from pathology.scoring._markers import MarkerConfig, load_marker
 from pathology.scoring._stains import StainEstimate
 
@@ -155,11 +161,15 @@ def _as_nchw(tiles: Any) -> torch.Tensor:
     return t.contiguous()
 
 
-def run_model(scorer: CellScorer, tiles: Any, batch_size: int = 64) -> TileScores:
+def run_model(
+    scorer: CellScorer, tiles: Any, batch_size: int = 64, *, workers: int = 1
+) -> TileScores:
     """Run a loaded scorer over tiles (N, H, W, 3) / (N, 3, H, W) uint8 in batches.
 
     Host tiles are pinned and copied with ``non_blocking`` on CUDA; a CUDA out-of-memory error
-    halves the batch and retries.
+    halves the batch and retries. On the CPU, ``workers`` > 1 scores that many batches at once,
+    each in its own thread with one torch thread (:func:`~pathology.scoring._device.torch_threads`);
+    the results are the same and in the same order. On CUDA batches run one after another.
     """
     import torch
 
@@ -178,7 +188,13 @@ def run_model(scorer: CellScorer, tiles: Any, batch_size: int = 64) -> TileScore
         cells["tile"] = cells["tile"] + i
         return out.counts.cpu(), cells
 
-    parts = run_halving(one, 0, t.shape[0], max(1, batch_size)) if t.shape[0] else []
+    n = t.shape[0]
+    if workers > 1 and not cuda and n > batch_size:
+        starts = range(0, n, max(1, batch_size))
+        with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(lambda i: one(i, min(n, i + batch_size)), starts))
+    else:
+        parts = run_halving(one, 0, n, max(1, batch_size)) if n else []
     if parts:
         counts = torch.cat([p[0] for p in parts]).numpy()
         cells = {k: torch.cat([p[1][k] for p in parts]).numpy() for k in parts[0][1]}

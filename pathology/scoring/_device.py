@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from pathology.errors import ConfigError
@@ -14,7 +15,14 @@ from pathology.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICES", "is_oom", "resolve_device", "run_halving", "tune_host_allocator"]
+__all__ = [
+    "DEVICES",
+    "is_oom",
+    "resolve_device",
+    "run_halving",
+    "torch_threads",
+    "tune_host_allocator",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger(__name__)
@@ -124,3 +132,23 @@ def run_halving(fn: Callable[[int, int], T], start: int, stop: int, batch: int) 
             continue
         i = j
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op thread pool at ``n`` threads, restored afterwards.
+
+    For CPU scoring in several Python threads at once (each a whole batch or shard, one torch
+    thread each): the model is hundreds of small tensor operations per batch, which split poorly
+    across intra-op threads, while whole batches in parallel keep every core busy (and overlap a
+    shard's reading with another's model). The setting is process-wide, so concurrent torch work
+    elsewhere in the process runs with ``n`` threads until the block ends.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
