@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="parallel workers (default 2): Dask workers scoring one slide each when several "
-        "slides are given, else tiling threads and tile readers for the one slide",
+        "slides are given, else tiling threads and, on the CPU, shards read and scored at once "
+        "(one torch thread each; on CUDA, threads reading ahead of the model) for the one slide",
     )
     p.add_argument(
         "--cluster",
