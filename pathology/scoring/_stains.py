@@ -45,6 +45,13 @@ H_P99_REFERENCE = 0.88
 #: Pixels count as haematoxylin-only for that percentile below this DAB OD and above this
 #: haematoxylin OD (glass and pale stroma excluded).
 H_ONLY_MAX_DAB, H_ONLY_MIN_H = 0.15, 0.05
+#: Largest haematoxylin factor: the 99th percentile is raised at most from 0.35 OD
+#: (``H_P99_REFERENCE / 0.35``), just below the palest real slide whose counts were checked
+#: (Olympus OS-2, 0.38 OD, x2.32, against QuPath). The factor multiplies noise and faint texture
+#: as much as nuclei: on two paler BCData Ki-67 tiles (0.28-0.30 OD, x2.9-3.2) stroma and cytoplasm
+#: texture of ~0.1 OD read as ~0.3 OD, a pale nucleus to the classifier, and were kept as cells.
+#: Past this limit the map is not extrapolated further (the slide's notes say so).
+H_SCALE_MAX = 2.5
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ def counterstain_scale(
 
     The darkness features of the cell-type classifier (nuclear and peri-nuclear haematoxylin OD,
     LoG response) are absolute optical densities; a pale counterstain (real Ki-67 slides: 99th
-    percentile 0.36-0.56 OD against 0.80-1.02 on the synthetic training slides) sends real
+    percentile 0.28-0.56 OD against 0.80-1.02 on the synthetic training slides) sends real
     nuclei to ``none``. As in Macenko et al. (ISBI 2009), who scale each stain's concentration so
     its 99th percentile matches a reference, a slide whose 99th percentile over
     haematoxylin-only tissue pixels lies outside :data:`H_P99_RANGE` has its haematoxylin amount
@@ -172,8 +179,11 @@ def counterstain_scale(
     (a slide inside the range keeps factor 1). Scaling only to the nearer end of the range left
     real nuclei at the pale edge of what the classifier saw, and pale ones still went to ``none``
     (DeepLIIF Lung1, OS-2). The factor jumps at the ends of the range (0.69 is scaled to 0.88,
-    0.70 is kept); the real slides seen so far (0.36-0.56) and the synthetic ones (0.80-1.02)
-    lie well away from either end. DAB is never rescaled: its intensity bins are absolute OD.
+    0.70 is kept); the real slides seen so far (0.28-0.56) and the synthetic ones (0.80-1.02)
+    lie well away from either end. The factor is capped at :data:`H_SCALE_MAX` (a 99th percentile
+    below ~0.35 OD is raised only to 0.88 x that / 0.35): scaling multiplies noise and faint
+    stroma texture with the nuclei, and no slide that pale has been checked against truth. DAB is
+    never rescaled: its intensity bins are absolute OD.
 
     Parameters
     ----------
@@ -197,7 +207,7 @@ def counterstain_scale(
     lo, hi = H_P99_RANGE
     if lo <= p99 <= hi:
         return 1.0, p99
-    return H_P99_REFERENCE / p99, p99
+    return min(H_P99_REFERENCE / p99, H_SCALE_MAX), p99
 
 
 def _angle(a: NDArray[np.float64], b: NDArray[np.float64]) -> float:
@@ -308,7 +318,8 @@ def estimate_stains(
     est = StainMatrix(reference.names, tuple(vectors))  # type: ignore[arg-type]
     h_scale, p99 = counterstain_scale(od, est)
     if h_scale != 1.0:
-        notes.append(f"haematoxylin 99th percentile {p99:.2f} OD: scaled x{h_scale:.2f}")
+        limit = " (the limit)" if h_scale == H_SCALE_MAX else ""
+        notes.append(f"haematoxylin 99th percentile {p99:.2f} OD: scaled x{h_scale:.2f}{limit}")
     return StainEstimate(
         est, bg, (angles[0], angles[1]), ok, "estimated", tuple(notes), h_scale=round(h_scale, 4)
     )
