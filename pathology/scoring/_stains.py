@@ -46,8 +46,8 @@ H_P99_REFERENCE = 0.88
 #: haematoxylin OD (glass and pale stroma excluded).
 H_ONLY_MAX_DAB, H_ONLY_MIN_H = 0.15, 0.05
 #: Largest haematoxylin factor: the 99th percentile is raised at most from 0.35 OD
-#: (``H_P99_REFERENCE / 0.35``), just below the palest real slide whose counts were checked
-#: (Olympus OS-2, 0.38 OD, x2.32, against QuPath). The factor multiplies noise and faint texture
+#: (``H_P99_REFERENCE / 0.35``), just below the palest real slide on which the full factor was
+#: checked to help (Olympus OS-2, 0.38 OD, x2.32, against QuPath). The factor multiplies noise and faint texture
 #: as much as nuclei: on two paler BCData Ki-67 tiles (0.28-0.30 OD, x2.9-3.2) stroma and cytoplasm
 #: texture of ~0.1 OD read as ~0.3 OD, a pale nucleus to the classifier, and were kept as cells.
 #: Past this limit the map is not extrapolated further (the slide's notes say so).
@@ -182,8 +182,9 @@ def counterstain_scale(
     0.70 is kept); the real slides seen so far (0.28-0.56) and the synthetic ones (0.80-1.02)
     lie well away from either end. The factor is capped at :data:`H_SCALE_MAX` (a 99th percentile
     below ~0.35 OD is raised only to 0.88 x that / 0.35): scaling multiplies noise and faint
-    stroma texture with the nuclei, and no slide that pale has been checked against truth. DAB is
-    never rescaled: its intensity bins are absolute OD.
+    stroma texture with the nuclei: on the two paler BCData tiles checked against truth (0.28-0.30
+    OD) the full factor kept texture as cells. The limit was chosen with those real slides in view,
+    not derived like the reference. DAB is never rescaled: its intensity bins are absolute OD.
 
     Parameters
     ----------
