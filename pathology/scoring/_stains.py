@@ -47,10 +47,11 @@ H_P99_REFERENCE = 0.88
 H_ONLY_MAX_DAB, H_ONLY_MIN_H = 0.15, 0.05
 #: Largest haematoxylin factor: the 99th percentile is raised at most from 0.35 OD
 #: (``H_P99_REFERENCE / 0.35``), just below the palest real slide on which the full factor was
-#: checked to help (Olympus OS-2, 0.38 OD, x2.32, against QuPath). The factor multiplies noise and faint texture
-#: as much as nuclei: on two paler BCData Ki-67 tiles (0.28-0.30 OD, x2.9-3.2) stroma and cytoplasm
-#: texture of ~0.1 OD read as ~0.3 OD, a pale nucleus to the classifier, and were kept as cells.
-#: Past this limit the map is not extrapolated further (the slide's notes say so).
+#: checked to help (Olympus OS-2, 0.38 OD, x2.32, against QuPath). The factor multiplies noise
+#: and faint texture as much as nuclei: on two paler BCData Ki-67 tiles (0.28-0.30 OD, x2.9-3.2)
+#: stroma and cytoplasm texture of ~0.1 OD read as ~0.3 OD, a pale nucleus to the classifier, and
+#: were kept as cells. Past this limit the map is not extrapolated further (the slide's notes say
+#: so).
 H_SCALE_MAX = 2.5
 
 
