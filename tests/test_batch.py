@@ -33,12 +33,12 @@ SLIDES = {  # slide_id -> (synth preset, seed)
     "pdl1-ge20": ("pdl1_cps_ge20", 16),
     "pdl1-few": ("pdl1_few_tumor", 17),
     # Known gap (issue 4): with this seed's stain jitter (haematoxylin 6 degrees off the
-    # reference) ~9 negative lymphocytes read as PD-L1 positive, which lifts CPS 0.55 over 1
-    # (2026-11-24: immune positive 11 / 2, tumour positive 7 / 3, CPS 1.99; 2.1 before the
-    # membrane-side change).
+    # reference) ~14 negative lymphocytes read as PD-L1 positive, which lifts CPS 0.55 over 1
+    # (2026-11-24, 16 rays: immune positive 16 / 2, tumour positive 6 / 3, CPS 2.44; 2.88 with
+    # compartments on 16 of 32 rays, 1.99 on all 32, 2.1 before the membrane-side change).
     "pdl1-lt1-jitter": ("pdl1_cps_lt1", 15),
 }
-KNOWN_GAPS = {"pdl1-lt1-jitter": "immune false positives under stain jitter lift CPS 0.55 to 2.0"}
+KNOWN_GAPS = {"pdl1-lt1-jitter": "immune false positives under stain jitter lift CPS 0.55 to 2.4"}
 REQUIRED = (
     "slide_id,path,marker,call,tumor_cells,tumor_positive,immune_cells,immune_positive,"
     "positive_pct,cps,tps,h_score,evaluable,qc_flags,device,model,version,seconds"
@@ -351,8 +351,8 @@ def test_real_ki67_scans_run_through_the_batch(os2_batch: dict[str, dict[str, st
 @pytest.mark.realdata
 @pytest.mark.xfail(
     strict=True,
-    reason="the Olympus scan yields 856 tumour + immune cells, under the 900 asked (QuPath: 1,353); the "
-    "indices agree (Hamamatsu / Olympus 17.6 / 15.1 %, QuPath 16.6 / 13.5 %, 989 Hamamatsu cells) since "
+    reason="the Olympus scan yields 840 tumour + immune cells, under the 900 asked (QuPath: 1,353); the "
+    "indices agree (Hamamatsu / Olympus 17.4 / 16.4 %, QuPath 16.6 / 13.5 %, 974 Hamamatsu cells) since "
     "the 2026-11-24 cell-type refit, which types more real nuclei macrophage and drops more as `none`",
 )
 def test_real_ki67_cross_scanner_agreement(os2_batch: dict[str, dict[str, str]]) -> None:
@@ -360,8 +360,9 @@ def test_real_ki67_cross_scanner_agreement(os2_batch: dict[str, dict[str, str]])
     reference (16.6 % / 13.5 % positive at DAB 0.2, the shared folder's TSVs); >= 900 cells.
 
     Measured (physics-v1, haematoxylin scaled to the training slides' median 99th percentile, cell
-    types refitted 2026-11-24): 989 / 856 tumour + immune cells (QuPath 1,323 / 1,353), 17.6 / 15.1 %
-    positive on the Hamamatsu / Olympus scans. Before the refit: 1,120 / 920 cells, 15.4 / 14.3 %.
+    types refitted 2026-11-24, 16 rays per nucleus): 974 / 840 tumour + immune cells (QuPath 1,323 /
+    1,353), 17.4 / 16.4 % positive on the Hamamatsu / Olympus scans (32 rays: 989 / 856, 17.6 /
+    15.1 %). Before the refit: 1,120 / 920 cells, 15.4 / 14.3 %.
     The index is over tumour cells while QuPath's counts every cell, and both scans still find
     fewer cells than QuPath (pale negative nuclei are lost).
     """
