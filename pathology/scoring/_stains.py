@@ -273,8 +273,8 @@ def estimate_stains(
         bg = (255.0, 255.0, 255.0)
         notes.append("no glass in the sample: background 255")
     # Optical density per channel through a 256-entry table per channel: the same formula on
-    # every possible byte, then a lookup (about ten times cheaper than the logarithm of ~2 M x 3
-    # pixels, most of a slide's stain estimate).
+    # every possible byte, then a lookup instead of a logarithm per sampled pixel (measured: the
+    # whole estimate 0.50-0.57 -> 0.47-0.49 CPU-s on 48 bench tiles; identical results).
     levels = np.arange(256, dtype=np.float64)
     lut = np.maximum(np.log10((np.asarray(bg)[:, None] + 1.0) / (levels + 1.0)), 0.0)
     od = np.stack([lut[c][rgb[:, c]] for c in range(3)], axis=1)
