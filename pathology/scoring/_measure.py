@@ -11,8 +11,7 @@ to ``RAY_MAX_UM``, with one batched ``grid_sample`` over the haematoxylin and DA
   edge then moved onto the faint haematoxylin line of the cell border; rays that meet no neighbour
   end at the cell's typical body radius, or at its membrane's DAB ridge when one is near;
 - the membrane is the brightest DAB just inside that edge; the cytoplasm lies between nucleus and
-  membrane. Cell edges, cytoplasm and membrane are measured on every ``RAY_ANGLES //
-  COMPARTMENT_RAYS``-th ray only; the nucleus (outline and DAB) on all of them.
+  membrane.
 
 Frames: positions in microns from the input tile's top-left corner; ray tensors are (K, A, S) for
 K cells, A angles, S radial samples, measured from the detected centre (``Rays.yx_um``, the ray
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "COMPARTMENT_RAYS",
     "RAY_ANGLES",
     "RAY_MAX_UM",
     "RAY_STEP_UM",
@@ -44,23 +42,20 @@ __all__ = [
 ]
 
 #: Directions sampled around every cell, 22.5 degrees apart (~2 um of a 10 um nucleus's outline per
-#: ray). 16 type cells about as 32 did once the cell-type classifier is refitted on them (held-out
-#: synthetic accuracy 0.9646 against 0.9652, and 0.9648 against 0.9654 on seeds 903-908), and the
-#: model takes 11-14 % less CPU time. 24 rays typed as 32 did (0.9651, 0.9657) but, with
-#: compartments on 12 of them, saved only ~10 % and failed a PD-L1 slide (see ``COMPARTMENT_RAYS``).
-#: The classifier in ``cell_types.json`` is fitted for this count: refit it
+#: ray), for the nucleus and the compartments alike. 16 type cells about as 32 did once the
+#: cell-type classifier is refitted on them (held-out synthetic accuracy 0.9646 against 0.9652, and
+#: 0.9648 against 0.9654 on seeds 903-908); the compartments (means and fractions over rays) read
+#: about as on 32; the model takes ~20 % less CPU time than with 32. Fewer rays for the
+#: compartments make membrane coverage (a whole number of rays) coarser and lift low PD-L1 scores:
+#: the batch test's CPS 1-19 slide (truth 8.22, 10 % allowed) reads 8.89 here, 8.99 with 16
+#: compartment rays of 32, 9.11 with 12 of 24 and 9.77 with 8 of 24; with 10 of 20, PD-L1's 0.2
+#: coverage is exactly 2 rays and three synthetic JPEG PD-L1 cases read TPS up to 4.6 points high.
+#: 24 rays (compartments on 12) typed as 32 did but saved only ~10 % and failed that slide. The
+#: classifier in ``cell_types.json`` is fitted for this count: refit it
 #: (``scripts/fit_cell_types.py``) when changing it.
 RAY_ANGLES = 16
 RAY_STEP_UM = 0.5
 RAY_MAX_UM = 16.0
-#: Rays (evenly spaced, a subset of the ``RAY_ANGLES``) on which cell edges, cytoplasm and
-#: membrane are measured: all 16, the directions used (every other ray of 32) before the nucleus
-#: had 16. Membrane coverage is a whole number of these rays, and fewer make it noisier and lift
-#: low PD-L1 scores: the batch test's CPS 1-19 slide (truth 8.22, 10 % allowed) reads 8.89 with 16
-#: compartment rays, 8.99 with 16 of 32, 9.11 with 12 of 24 and 9.77 with 8 of 24; with 10 of 20,
-#: PD-L1's 0.2 coverage is exactly 2 rays and three synthetic JPEG PD-L1 cases read TPS up to 4.6
-#: points above the truth. The nucleus (outline and DAB) uses all ``RAY_ANGLES`` rays.
-COMPARTMENT_RAYS = 16
 #: Neighbours considered for each cell's boundary and local density.
 N_NEIGHBOURS = 8
 DENSITY_RADIUS_UM = 25.0
@@ -133,7 +128,7 @@ class Rays:
 class Compartments:
     """DAB OD per compartment (K,) and the membrane's stained fraction."""
 
-    cell_edge_um: torch.Tensor  # (K, COMPARTMENT_RAYS)
+    cell_edge_um: torch.Tensor  # (K, A)
     nucleus: torch.Tensor
     cytoplasm: torch.Tensor
     membrane: torch.Tensor  # mean over the whole outline
@@ -487,31 +482,24 @@ def measure_compartments(
     """
     import torch
 
-    _, a_all, s = rays.dab.shape
+    _, a, s = rays.dab.shape
     dev = rays.dab.device
-    # Compartments on every `step`-th ray: ray tensors below are (K, A, ...) for those A rays.
-    step = a_all // COMPARTMENT_RAYS
-    a = a_all // step
-    theta = torch.arange(a_all, device=dev, dtype=torch.float32) * (2 * math.pi / a_all)
-    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)[::step]  # (A, 2)
+    theta = torch.arange(a, device=dev, dtype=torch.float32) * (2 * math.pi / a)
+    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # (A, 2)
 
     def rows(v: torch.Tensor) -> torch.Tensor:
         """The measured cells' rows of a per-cell tensor (neighbours: looked up in all)."""
         return v if cells is None else v[cells]
 
-    tile, centre, nb_index, nucleus_edge = (
+    tile, centre, nb_index, edge_um = (
         rows(v) for v in (rays.tile, rays.centre_um, rays.nb_index, rays.edge_um)
     )
     k_all = tile.numel()
     if k_all == 0:
         z = torch.zeros(0, device=dev)
         return Compartments(torch.zeros((0, a), device=dev), z, z, z, z, z)
-    all_dab, body = rays.dab_rays(cells), rows(body_radius_um)
-    all_wcum = _prefix(all_dab * (rays.t_um + RAY_STEP_UM / 2))  # Rays.dab_wcum of these rows
-    wpre = _prefix(rays.t_um + RAY_STEP_UM / 2)
-    nucleus = _nucleus_mean(all_wcum, wpre, nucleus_edge)  # Rays.dab_nucleus of these rows
-    # Prefix sums run along each ray, so those of a subset of rays are a slice.
-    ray_dab, dab_wcum, edge_um = all_dab[:, ::step], all_wcum[:, ::step], nucleus_edge[:, ::step]
+    ray_dab, body = rays.dab_rays(cells), rows(body_radius_um)
+    dab_wcum = _prefix(ray_dab * (rays.t_um + RAY_STEP_UM / 2))  # Rays.dab_wcum of these rows
     valid = nb_index >= 0
     nbi = nb_index.clamp_min(0)
     # Cell edges are found from the outline centres; the ray samples were taken from the detected
@@ -554,6 +542,7 @@ def measure_compartments(
     shift = torch.minimum(shift, RAY_MAX_UM - RAY_STEP_UM - lag - edge0)
     edge_cell = edge0 + shift
     en, ec = edge_um, edge_cell + lag  # both in the ray frame
+    wpre = _prefix(rays.t_um + RAY_STEP_UM / 2)
     # Cytoplasm: [nucleus edge + 0.75, cell edge - 1] um, or [+ 0.25, cell edge] when that is empty.
     c0, c1 = _band(en + 0.75, ec - 1.0, s)
     f0, f1 = _band(en + 0.25, ec, s)
@@ -585,6 +574,7 @@ def measure_compartments(
     coverage = stained.float().mean(1)
     membrane = mem_ray.mean(1)
     mstained = _wmean(mem_ray, stained.float(), 1)
+    nucleus = _nucleus_mean(dab_wcum, wpre, edge_um)  # Rays.dab_nucleus of these rows
     return Compartments(edge_cell, nucleus, cytoplasm, membrane, mstained, coverage)
 
 
