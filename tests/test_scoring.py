@@ -571,6 +571,16 @@ def _deepliif_cases() -> list[tuple[str, np.ndarray, object]]:
     return cases
 
 
+@functools.lru_cache(maxsize=1)
+def _deepliif_scored() -> list[tuple[str, dict[str, np.ndarray], object]]:
+    """(name, cells of ``score_image`` at 0.25 um/px for Ki-67, truth) per DeepLIIF case, scored
+    once for the tests that read them."""
+    return [
+        (name, score_image(img, "ki67", mpp=0.25, device="cpu").cells, gt)
+        for name, img, gt in _deepliif_cases()
+    ]
+
+
 @pytest.mark.realdata
 @pytest.mark.xfail(
     strict=True,
@@ -594,8 +604,7 @@ def test_deepliif_ki67_targets() -> None:
     #   tumour / immune split, not the detection and positivity the targets are about. 22_2 meets
     #   the targets and 6_2 misses them either way (all kept cells: 115 and 92).
     # Positive: nucleus DAB >= 0.2 OD (the Ki-67 cut), over the same cells.
-    for name, img, gt in _deepliif_cases():
-        c = score_image(img, "ki67", mpp=0.25, device="cpu").cells
+    for name, c, gt in _deepliif_scored():
         other = 3  # cell type codes: 0 tumour, 1 lymphocyte, 2 macrophage, 3 other
         counted = np.ones(len(c["x"]), bool) if name == "Lung1" else c["type"] != other
         n = int(counted.sum())
@@ -623,8 +632,7 @@ def test_bcdata_tumour_nuclei_are_typed_tumour() -> None:
     from pathology.groundtruth import match_cells
 
     typed = np.zeros(4, np.int64)
-    for name, img, gt in _deepliif_cases()[1:]:
-        c = score_image(img, "ki67", mpp=0.25, device="cpu").cells
+    for name, c, gt in _deepliif_scored()[1:]:
         m = match_cells(np.stack([c["x"], c["y"]], 1), gt.centroid_xy, 4.0 / 0.25)
         assert m.tp >= 0.6 * gt.n_cells, (name, m.tp, gt.n_cells)
         typed += np.bincount(c["type"][m.pairs[:, 0]], minlength=4)
