@@ -619,10 +619,9 @@ def test_deepliif_ki67_targets() -> None:
     reason="(2026-11-24, 16 rays) 76 of 226 matched BCData tumour nuclei (34 %) are typed tumour: "
     "95 macrophage, 47 lymphocyte. Negative nuclei read macrophage through `h_around` (real "
     "0.104 OD around the nucleus against 0.042 on synthetic tumour cells, sd 0.012 over all "
-    "synthetic cells); "
-    "Ki-67-positive nuclei read lymphocyte (haematoxylin 1.07 OD from DAB leaking into the "
-    "haematoxylin channel, outlines 13 um^2). Dropping `h_around` types 51 % tumour but loses "
-    "22_2's count target (86 of 137) to `none`",
+    "synthetic cells); Ki-67-positive nuclei read lymphocyte (haematoxylin 1.07 OD from DAB "
+    "leaking into the haematoxylin channel, outlines 13 um^2). Dropping `h_around` types 51 % "
+    "tumour but loses 22_2's count target (86 of 137) to `none`",
 )
 def test_bcdata_tumour_nuclei_are_typed_tumour() -> None:
     """BCData labels tumour nuclei only (positive and negative), so every labelled nucleus the
