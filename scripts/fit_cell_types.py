@@ -40,22 +40,43 @@ MARKER = {"p16": "p16", "pdl1": "pdl1", "ki67": "ki67"}
 #: cells are small enough that 1.0 um/px would leave them a few pixels across.
 MPPS = (0.25, 0.5, 0.5, 1.0)
 MPPS_SHRUNK = (0.25, 0.25, 0.5)
+#: Staining strengths (DAB OD) cycled over in regions drawn with ``variety``. Ki-67-positive
+#: nuclei on scanned slides read 1.7-2.2 OD (BCData 22_2, 34_3, 6_2: 75th-97th percentile of the
+#: matched positive nuclei), far above the presets' 0.5.
+INTENSITIES: dict[str, tuple[str | float, ...]] = {
+    "ki67": ("moderate", "strong", 1.2, 1.6, 2.0),
+    "pdl1_cps_ge20": ("strong", 1.1),
+    "pdl1_cps_1_19": ("moderate", "strong"),
+}
 
 
 def collect(
-    seeds: range, size: int, scales: tuple[float, ...] = (1.0,), jpeg: bool = False
+    seeds: range,
+    size: int,
+    scales: tuple[float, ...] = (1.0,),
+    jpeg: bool = False,
+    variety: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Feature rows and labels of every (seed, preset, scale): a region rendered at ``mpp / f``
     and detected as if at ``mpp``, so every length the detector sees is ``f`` x the true one.
     ``jpeg``: every other region goes through the SVS writer's JPEG (q90, 4:2:0) first, as a
-    scanned slide's pixels do."""
+    scanned slide's pixels do. ``variety``: the regions cycle through ``SynthParams.variety``
+    0, ``variety / 2`` and ``variety`` (and, where it is not 0, Ki-67 and PD-L1 through
+    stronger staining, :data:`INTENSITIES`), so the reference look stays a third of the cells."""
     feats, labels = [], []
     for seed in seeds:
         for k, preset in enumerate(PRESETS):
             for f in scales:
                 mpps = MPPS if f == 1.0 else MPPS_SHRUNK
                 mpp = mpps[(seed + k) % len(mpps)]
-                p = SynthParams.preset(preset, width=size, height=size, mpp=mpp / f, seed=seed)
+                v = variety * ((seed + k) % 3) / 2
+                extra: dict[str, object] = {"variety": v}
+                if v > 0 and preset in INTENSITIES:
+                    cyc = INTENSITIES[preset]
+                    extra["intensity"] = cyc[(seed + k + int(f * 4)) % len(cyc)]
+                p = SynthParams.preset(
+                    preset, width=size, height=size, mpp=mpp / f, seed=seed, **extra
+                )
                 r = render_region(p)
                 xy = np.array([(c.x, c.y) for c in r.truth.cells], np.float64)
                 types = [c.type for c in r.truth.cells]
@@ -88,25 +109,41 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="pass every other region through the SVS writer's JPEG (q90, 4:2:0), train and test",
     )
+    ap.add_argument(
+        "--variety",
+        type=float,
+        default=1.0,
+        help="look variety of the regions (SynthParams.variety), cycled 0, half, full over the "
+        "regions, train and test (default 1.0; 0 = the reference look only, as before 2026-11-24)",
+    )
     args = ap.parse_args(argv)
+    if not 0.0 <= args.variety <= 1.0:
+        ap.error(f"--variety must be 0-1, got {args.variety}")
     scales = tuple(float(f) for f in args.scales.split(","))
     if not scales or any(not 0.2 <= f <= 1.0 for f in scales):
         ap.error(f"--scales must be factors in 0.2-1.0, got {args.scales!r}")
     train, test = range(100, 100 + args.train_seeds), range(900, 900 + args.test_seeds)
-    xtr, ytr = collect(train, args.size, scales, args.jpeg)
+    xtr, ytr = collect(train, args.size, scales, args.jpeg, args.variety)
     meta = {
         "fitted": dt.date.today().isoformat(),
         "fitted_on": f"synthetic regions {args.size}px, presets {', '.join(PRESETS)}, seeds "
         f"100-{99 + args.train_seeds}; true size at mpp {sorted(set(MPPS))}; lengths shrunk by "
         f"f = {', '.join(str(f) for f in scales if f != 1.0) or 'none'} (rendered at mpp / f, "
         f"detected at mpp {sorted(set(MPPS_SHRUNK))}); stains and glass estimated per region, "
-        "as at scoring" + ("; every other region through JPEG q90 4:2:0" if args.jpeg else ""),
+        "as at scoring"
+        + ("; every other region through JPEG q90 4:2:0" if args.jpeg else "")
+        + (
+            f"; look variety cycled 0 / {args.variety / 2:g} / {args.variety:g} over the regions "
+            "(stronger Ki-67 and PD-L1 staining where it is not 0)"
+            if args.variety
+            else ""
+        ),
         "held_out": f"seeds 900-{899 + args.test_seeds}, each scale",
     }
     model = fit_cell_types(xtr, ytr, meta=meta)
     by_scale: dict[float, np.ndarray] = {}
     for f in scales:
-        xte, yte = collect(test, args.size, (f,), args.jpeg)
+        xte, yte = collect(test, args.size, (f,), args.jpeg, args.variety)
         cm = confusion(model, xte, yte)
         by_scale[f] = cm
         rec = [round(float(cm[i, i] / max(1, cm[i].sum())), 3) for i in range(len(CELL_CLASSES))]

@@ -419,6 +419,37 @@ def test_invalid_params_raise_config_error(kwargs: dict, needle: str) -> None:
         SynthParams.from_dict(kwargs)
 
 
+def test_variety_changes_the_look_not_the_truth() -> None:
+    """``variety`` (for fitting classifiers) keeps every cell, type and DAB amount, and changes the
+    look as documented: haematoxylin-soaked cytoplasm, more elongated tumour nuclei, and dense
+    DAB whose neutral share unmixes as haematoxylin."""
+    p = SynthParams.preset("ki67", width=768, height=768, mpp=0.5, seed=4, intensity=2.0)
+    a, b = render_region(p), render_region(p.replace(variety=1.0))
+
+    def cells(r) -> list[tuple]:
+        return [(c.x, c.y, c.type, c.nucleus_dab, c.positive) for c in r.truth.cells]
+
+    assert cells(a) == cells(b) and len(cells(a)) > 150
+    cyto = (a.cell_labels >= 0) & (a.nucleus_labels < 0) & ~a.membrane
+    assert b.od_h[cyto].mean() > a.od_h[cyto].mean() + 0.04  # this seed: + 0.059 OD x counterstain
+    pos = np.isin(a.nucleus_labels, [c.id for c in a.truth.cells if c.positive])
+    h_a, h_b = _unmix(a.rgb, a.truth)[..., 0], _unmix(b.rgb, b.truth)[..., 0]
+    assert h_b[pos].mean() > h_a[pos].mean() + 0.3  # measured 0.32 -> 0.80 OD
+
+    def aspect_p90(r) -> float:
+        ratios = []
+        for c in r.truth.cells:
+            yy, xx = np.nonzero(r.nucleus_labels == c.id)
+            if c.type == "tumor" and len(yy) >= 30:
+                ev = np.linalg.eigvalsh(np.cov(np.stack([yy, xx])))
+                ratios.append(np.sqrt(ev[1] / ev[0]))
+        return float(np.quantile(ratios, 0.9))
+
+    assert aspect_p90(a) < 1.42 and aspect_p90(b) > 1.47  # measured 1.36 and 1.52
+    with pytest.raises(ConfigError, match="variety"):
+        p.replace(variety=1.5)
+
+
 def test_presets_and_explicit_stain_vectors() -> None:
     with pytest.raises(ConfigError, match="unknown synth preset"):
         SynthParams.preset("nope")

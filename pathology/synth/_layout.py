@@ -75,9 +75,13 @@ class Look:
     tumor_spacing_um: float
     stroma_h: float
     fibro_density: float
+    cyto_h_extra: float = 0.0  # haematoxylin OD added to every cytoplasm (``variety``)
+    dab_neutral: float = 0.0  # neutral OD per DAB OD at 1 OD of DAB (``variety``)
 
 
-def _draw_look(params: SynthParams, rng: np.random.Generator) -> Look:
+def _draw_look(params: SynthParams, rng: np.random.Generator, vrng: np.random.Generator) -> Look:
+    """Per-slide look from ``rng``; the ``variety`` extras from their own stream ``vrng``, so a
+    slide at ``variety=0`` draws exactly what it did before they existed."""
     h0, d0 = params.stain_vectors or (HAEMATOXYLIN, DAB)
     h, d = _unit(np.array(h0)), _unit(np.array(d0))
     if params.stain_jitter > 0:
@@ -100,6 +104,8 @@ def _draw_look(params: SynthParams, rng: np.random.Generator) -> Look:
         tumor_spacing_um=float(rng.uniform(17.0, 20.5)),
         stroma_h=float(rng.uniform(0.02, 0.06)) * cs,
         fibro_density=float(rng.uniform(900, 1600)),
+        cyto_h_extra=params.variety * float(vrng.uniform(0.0, 0.12)),
+        dab_neutral=params.variety * float(vrng.uniform(0.0, 0.5)),
     )
 
 
@@ -245,7 +251,7 @@ def _drop_collisions(y: NDArray, x: NDArray, types: NDArray) -> NDArray[np.bool_
 def build_scene(params: SynthParams) -> Scene:
     """Draw look, fields, sprites and cells for ``params`` (deterministic in ``params.seed``)."""
     seed = params.seed
-    look = _draw_look(params, rng_for(seed, "look"))
+    look = _draw_look(params, rng_for(seed, "look"), rng_for(seed, "variety"))
     s = look.tumor_spacing_um
     f = build_fields(
         params,
@@ -253,7 +259,12 @@ def build_scene(params: SynthParams) -> Scene:
         stroma_h=look.stroma_h,
         cell_area_um2=s * s * math.sqrt(3) / 2,
     )
-    bank = SpriteBank(params.mpp, seed_for(seed, "shapes"), seed_for(seed, "shape-pixels"))
+    bank = SpriteBank(
+        params.mpp,
+        seed_for(seed, "shapes"),
+        seed_for(seed, "shape-pixels"),
+        tumor_aspect_max=1.35 + 0.3 * params.variety,
+    )
     rng = rng_for(seed, "cells")
     gum = f.grid_um
 
@@ -353,6 +364,11 @@ def build_scene(params: SynthParams) -> Scene:
     cyto_h = np.array([_H_CYTO[int(t)] for t in range(4)], np.float64)[types]
     nuc_h = nuc_h * cs * rng.uniform(0.85, 1.15, n)
     cyto_h = cyto_h * cs * rng.uniform(0.8, 1.2, n)
+    if params.variety > 0:  # own stream: the reference look (variety 0) draws nothing here
+        vr = rng_for(seed, "variety-cells")
+        cyto_h += look.cyto_h_extra * cs * vr.uniform(0.5, 1.5, n)
+        v = params.variety
+        nuc_h *= vr.uniform(1.0 - 0.5 * v, 1.0 + 0.25 * v, n)  # pale and dark nuclei side by side
     mem_h = np.where(types == TUMOR, _H_MEMBRANE_ACCENT * cs, 0.0)
     stain = assign_staining(params, types, rng_for(seed, "staining"))
     cells = Cells(

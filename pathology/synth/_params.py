@@ -169,6 +169,15 @@ class SynthParams:
         Sensor noise standard deviation in 8-bit levels (0-20).
     jpeg_quality : int
         JPEG quality of the SVS tiles (1-100).
+    variety : float
+        Extra variety of the look between slides and cells, for fitting cell classifiers (0-1;
+        0, the default, is the reference look that presets, tests and benchmarks use, and leaves
+        a slide byte-identical; cells, types and DAB amounts never change). At 1: cytoplasm
+        haematoxylin raised per slide by up to 0.12 OD (a counterstain that soaks the
+        cytoplasm), each nucleus's haematoxylin scaled by 0.5-1.25 (pale and dark nuclei side by
+        side), tumour nuclei up to 1.65:1 elongated instead of 1.35:1, and a neutral share of the
+        DAB absorbance growing with its density (dense precipitate scatters and reads darker
+        than its hue, so some of it unmixes as haematoxylin, as on scanned slides).
     artifacts : bool
         Add pen marks (green/blue/black ink), dust specks and a black scanner border strip.
     seed : int
@@ -197,6 +206,7 @@ class SynthParams:
     blur_um: float = 0.3
     noise: float = 2.0
     jpeg_quality: int = 90
+    variety: float = 0.0
     artifacts: bool = False
     seed: int = 0
 
@@ -284,6 +294,7 @@ class SynthParams:
         _check_range("background_od", self.background_od, 0.0, 0.2, "OD")
         _check_range("blur_um", self.blur_um, 0.0, 3.0, "um")
         _check_range("noise", self.noise, 0.0, 20.0, "levels")
+        _check_range("variety", self.variety, 0.0, 1.0)
         q = self.jpeg_quality
         if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 100:
             raise _err(f"jpeg_quality must be a whole number 1-100, got {q!r}")

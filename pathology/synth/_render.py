@@ -325,6 +325,13 @@ def compose_rgb(scene: Scene, tex: Textures, maps: Maps) -> NDArray[np.uint8]:
         # Table index = OD * steps (+0.5 to round), the steps folded into the stain vectors.
         np.multiply(h, np.float32(look.stain_h[ch]) * steps, out=o)
         o += np.multiply(dab, np.float32(look.stain_dab[ch]) * steps, out=tmp)
+        if look.dab_neutral > 0:
+            # Dense DAB scatters: a neutral share that grows with its density (dab^2).
+            o += np.multiply(
+                np.square(dab),
+                np.float32(look.dab_neutral * look.stain_neutral[ch]) * steps,
+                out=tmp,
+            )
         if p.background_od > 0:
             o += np.multiply(
                 alpha, np.float32(p.background_od * look.stain_neutral[ch]) * steps, out=tmp

@@ -206,10 +206,16 @@ class SpriteBank:
         Microns per level-0 pixel.
     seed_shape, seed_pixels : np.random.SeedSequence
         Streams for shape parameters (mpp-independent) and pixel noise.
+    tumor_aspect_max : float
+        Largest long / short axis ratio of a tumour nucleus (drawn uniformly from 1 to this).
     """
 
     def __init__(
-        self, mpp: float, seed_shape: np.random.SeedSequence, seed_pixels: np.random.SeedSequence
+        self,
+        mpp: float,
+        seed_shape: np.random.SeedSequence,
+        seed_pixels: np.random.SeedSequence,
+        tumor_aspect_max: float = 1.35,
     ) -> None:
         srng = np.random.default_rng(seed_shape)
         prng = np.random.default_rng(seed_pixels)
@@ -220,7 +226,7 @@ class SpriteBank:
                 srng,
                 prng,
                 diameter=(9.0, 14.0),
-                aspect=(1.0, 1.35),
+                aspect=(1.0, tumor_aspect_max),
                 harm_amp=0.05,
                 texture=0.28,
                 grain_um=0.45,
