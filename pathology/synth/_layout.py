@@ -76,7 +76,7 @@ class Look:
     stroma_h: float
     fibro_density: float
     cyto_h_extra: float = 0.0  # haematoxylin OD added to every cytoplasm (``variety``)
-    dab_neutral: float = 0.0  # neutral OD per DAB OD at 1 OD of DAB (``variety``)
+    dab_neutral: float = 0.0  # neutral OD = dab_neutral x (DAB OD)^2 (``variety``)
 
 
 def _draw_look(params: SynthParams, rng: np.random.Generator, vrng: np.random.Generator) -> Look:

@@ -321,16 +321,15 @@ def compose_rgb(scene: Scene, tex: Textures, maps: Maps) -> NDArray[np.uint8]:
     rgb = np.empty((hh, ww, 3), np.uint8)
     o = np.empty((hh, ww), np.float32)
     tmp = np.empty((hh, ww), np.float32)
+    # Dense DAB scatters (``variety``): a neutral share that grows with its density, dab^2.
+    dab2 = np.square(dab) if look.dab_neutral > 0 else None
     for ch in range(3):
         # Table index = OD * steps (+0.5 to round), the steps folded into the stain vectors.
         np.multiply(h, np.float32(look.stain_h[ch]) * steps, out=o)
         o += np.multiply(dab, np.float32(look.stain_dab[ch]) * steps, out=tmp)
-        if look.dab_neutral > 0:
-            # Dense DAB scatters: a neutral share that grows with its density (dab^2).
+        if dab2 is not None:
             o += np.multiply(
-                np.square(dab),
-                np.float32(look.dab_neutral * look.stain_neutral[ch]) * steps,
-                out=tmp,
+                dab2, np.float32(look.dab_neutral * look.stain_neutral[ch]) * steps, out=tmp
             )
         if p.background_od > 0:
             o += np.multiply(
