@@ -15,6 +15,11 @@ peri-nuclear haematoxylin of crowded tissue. Real Ki-67 tiles at 0.25 um/px (Dee
 OS-2 osteosarcoma crops) look like that: their nuclei are ~7 um across, and a classifier fitted on
 true-size synthetic cells only typed most of them ``none``.
 
+Look variety (``--variety``, default 1.0): two thirds of the regions are drawn with
+``SynthParams.variety`` (cytoplasm counterstain, pale and dark nuclei, elongated tumour nuclei,
+dense DAB that partly unmixes as haematoxylin) and stronger staining, so the fit does not lean on
+cues that are constants of the generator but vary on real slides (see the model card).
+
 Each region is unmixed with stain vectors and glass brightness estimated from it, as
 ``score_image`` does: the features are optical densities, and a fit on reference vectors and white
 glass is off by the glass's optical density on every slide scored.
@@ -41,8 +46,8 @@ MARKER = {"p16": "p16", "pdl1": "pdl1", "ki67": "ki67"}
 MPPS = (0.25, 0.5, 0.5, 1.0)
 MPPS_SHRUNK = (0.25, 0.25, 0.5)
 #: Staining strengths (DAB OD) cycled over in regions drawn with ``variety``. Ki-67-positive
-#: nuclei on scanned slides read 1.7-2.2 OD (BCData 22_2, 34_3, 6_2: 75th-97th percentile of the
-#: matched positive nuclei), far above the presets' 0.5.
+#: nuclei on scanned slides read 1.7-2.2 OD (BCData 22_2, 34_3, 6_2: the upper quantiles of the
+#: nuclei matched to the labels, i.e. the positive ones), far above the presets' 0.5.
 INTENSITIES: dict[str, tuple[str | float, ...]] = {
     "ki67": ("moderate", "strong", 1.2, 1.6, 2.0),
     "pdl1_cps_ge20": ("strong", 1.1),
