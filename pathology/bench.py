@@ -50,7 +50,12 @@ end-to-end rate than on a clinical slide of thousands of tiles:
 time per slide ~ ``per_slide_s + tiles / tile_rate``.
 
 The JSON adds ``<stage>_vs_decode`` for every stage and ``<stage>_vs_peer`` for ``model``,
-``scoring``, ``end_to_end`` and ``end_to_end_no_store``.
+``scoring``, ``end_to_end`` and ``end_to_end_no_store``. On the CPU it adds
+``cpu_bound_tiles_per_s`` (and ``cpu_bound_vs_peer``): ``1 / (1 / decode + 1 / model)`` with the
+faster of the two decode rates, the most tiles/s an end-to-end path can reach on these cores when
+decoding and the model share them and nothing else runs (no resampling, store, stain estimate or
+outputs). It tells how far the product path is from what the cores allow, and whether a target
+such as ">= 10x the peer end to end" is reachable on the machine at all.
 """
 
 from __future__ import annotations
@@ -138,9 +143,25 @@ class BenchResult:
         for name in PEER_COMPARED:
             if peer and name in self.rates:
                 out[f"{name}_vs_peer"] = round(self.rates[name] / peer, 2)
+        bound = self.cpu_bound()
+        if bound is not None:
+            out["cpu_bound_tiles_per_s"] = round(bound, 1)
+            if peer:
+                out["cpu_bound_vs_peer"] = round(bound / peer, 2)
         out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         out.update(self.notes)
         return out
+
+    def cpu_bound(self) -> float | None:
+        """Most tiles/s any end-to-end path can reach on these cores: each tile decoded (the faster
+        decode measured) and scored by the model, nothing else, the two sharing the cores, so their
+        times per tile add: ``1 / (1 / decode + 1 / model)``. None off the CPU (there the model
+        runs on the device, beside the decoding) or when either rate is missing."""
+        decode = max(self.rates.get("decode", 0.0), self.rates.get("direct_decode", 0.0))
+        model = self.rates.get("model", 0.0)
+        if self.device != "cpu" or decode <= 0 or model <= 0:
+            return None
+        return 1.0 / (1.0 / decode + 1.0 / model)
 
 
 def _peak_rss_mb() -> tuple[float, float]:

@@ -132,6 +132,13 @@ def test_bench_measures_every_stage_on_the_same_tiles(
     assert data["peer_cells"] > 0 and data["scoring_cells"] > 0
     assert set(data["end_to_end_split_s"]) >= {"tiling", "stains", "scoring", "outputs"}
     assert "vs the classical peer" in stdout
+    # What the cores allow end to end: decode (the faster path) and model times per tile add up.
+    fastest = max(data["decode_tiles_per_s"], data["direct_decode_tiles_per_s"])
+    bound = 1 / (1 / fastest + 1 / data["model_tiles_per_s"])
+    assert data["cpu_bound_tiles_per_s"] == pytest.approx(bound, rel=0.01)
+    assert data["cpu_bound_tiles_per_s"] < min(fastest, data["model_tiles_per_s"])
+    assert data["cpu_bound_vs_peer"] == pytest.approx(bound / peer, rel=0.02)
+    assert "CPU bound for any end-to-end path" in stdout
     # Batched JPEG decode of the native level-0 tiles under the tissue tiles (CPU threads here).
     assert (
         data["jpeg_batch_decoder"] == "libjpeg-turbo, 2 threads" and data["jpeg_batch_level"] == 0

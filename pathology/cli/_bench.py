@@ -155,6 +155,12 @@ def run(args: argparse.Namespace) -> int:
             f"vs the classical peer ({data['peer_tiles']} tiles, {procs}, "
             f"{result.rates['peer']:.1f} tiles/s): {vs}"
         )
+    if "cpu_bound_tiles_per_s" in data:
+        vs = f", {data['cpu_bound_vs_peer']:.1f}x the peer" if "cpu_bound_vs_peer" in data else ""
+        out.print(
+            "CPU bound for any end-to-end path (decode + model sharing the cores, nothing else): "
+            f"{data['cpu_bound_tiles_per_s']:,.0f} tiles/s{vs}"
+        )
     if "model_steps_pct" in data:
         steps = ", ".join(f"{k} {v:.0f}%" for k, v in data["model_steps_pct"].items())
         out.print(f"model time by step: {steps}")
