@@ -645,6 +645,7 @@ def test_deepliif_positivity_of_matched_nuclei() -> None:
     for name, c, gt in _deepliif_scored():
         m = match_cells(np.stack([c["x"], c["y"]], 1), gt.centroid_xy, 4.0 / 0.25)
         assert m.tp >= 0.6 * gt.n_cells, (name, m.tp, gt.n_cells)
+        # The tumour cut of ki67.yaml, read on every type (``positive`` is set on tumour cells only).
         called = c["nucleus_dab"][m.pairs[:, 0]] >= 0.2
         label = np.asarray(gt.positive)[m.pairs[:, 1]]
         table += np.array(
