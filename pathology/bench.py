@@ -42,6 +42,11 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
 the stage's wall time spent inside the model: on a GPU, how busy the product keeps the device (the
 complaint about peer tools is GPUs idling at 10-20 % while the CPU decodes).
 
+On CUDA, ``<stage>_gpu_util_pct`` (``model``, ``scoring``, both end-to-end stages) is the mean of
+the driver's utilisation counter (NVML, through ``torch.cuda.utilization``: the share of time a
+kernel was running) sampled every ``GPU_SAMPLE_S`` over the stage, and ``gpu_peak_mem_mb`` the most
+memory torch held on the device. Without NVML (``nvidia-ml-py``) ``gpu_util`` says why.
+
 ``<stage>_per_slide_s`` and ``<stage>_tile_rate`` (both end-to-end stages) split a run for the
 cohort cost model: the per-tile part is tiling plus scoring (``slide.json`` timings), at
 ``tile_rate`` tiles/s; the rest (model and stain set-up, the stain estimate from a fixed sample of
@@ -78,7 +83,7 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OPTIONAL_STAGES", "BenchResult", "run_bench"]
+__all__ = ["OPTIONAL_STAGES", "BenchResult", "GpuSampler", "run_bench"]
 
 #: Stages that can be left out (tiling and decode always run: every other stage needs them).
 OPTIONAL_STAGES = (
@@ -99,6 +104,8 @@ MODEL_MIN_S = 2.0
 #: Streams per :func:`~pathology.tiling._jpeg.decode_jpeg_batch` call in ``jpeg_batch_decode``
 #: (256 tiles of 256 px are 50 MB decoded).
 JPEG_BATCH_TILES = 256
+#: Seconds between samples of the GPU's utilisation counter.
+GPU_SAMPLE_S = 0.05
 
 
 @dataclass
@@ -177,6 +184,68 @@ def _sync(device: torch.device) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+class GpuSampler:
+    """Samples the device's utilisation counter in a thread while the ``with`` block runs.
+
+    ``mean_pct`` is None off CUDA, without NVML, or when no sample was taken. NVML's counter is
+    the share of the last sample period (1/6 s to 1 s, by GPU) in which any kernel ran: a GPU
+    kept busy by small kernels reads high even with idle multiprocessors, so it bounds the
+    device's idle time, not its efficiency.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.samples: list[int] = []
+        self.why_not: str | None = None
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def __enter__(self) -> GpuSampler:
+        import threading
+
+        if self.device.type != "cuda":
+            self.why_not = "not on CUDA"
+            return self
+        import torch
+
+        try:
+            torch.cuda.utilization(self.device)
+        except Exception as exc:  # pynvml missing, or NVML refused (a container without it)
+            self.why_not = f"no NVML ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+            return self
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(GPU_SAMPLE_S):
+                try:
+                    self.samples.append(int(torch.cuda.utilization(self.device)))
+                except Exception:  # the driver went away mid-run: keep what was sampled
+                    return
+
+        self._thread = threading.Thread(target=run, name="gpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mean_pct(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def _gpu_note(bench: BenchResult, name: str, sampler: GpuSampler) -> None:
+    """Record a stage's mean GPU utilisation (CUDA only; the reason once when it cannot be read)."""
+    if sampler.device.type != "cuda":
+        return
+    if sampler.mean_pct is not None:
+        bench.notes[f"{name}_gpu_util_pct"] = sampler.mean_pct
+    elif sampler.why_not:
+        bench.notes.setdefault("gpu_util", sampler.why_not)
 
 
 def _size_wh(size_px: int | tuple[int, int]) -> tuple[int, int]:
@@ -298,7 +367,7 @@ def run_bench(
     reader: str = "auto",
     marker: str = "p16",
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     model_tiles: int = 2048,
     peer_tiles: int = 64,
     stages: Collection[str] = OPTIONAL_STAGES,
@@ -321,8 +390,8 @@ def run_bench(
         Marker scored by ``model``, ``scoring`` and ``end_to_end`` (the synthetic slide is p16).
     device : {"auto", "cpu", "cuda"} or "cuda:N"
         Where the model runs; the resolved device is recorded.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass (default 64 on the CPU, 1024 on CUDA).
     model_tiles : int
         At most this many tiles (evenly spaced) are held in memory for the ``model`` stage.
     peer_tiles : int
@@ -340,6 +409,7 @@ def run_bench(
     """
     from pathology.errors import ConfigError
     from pathology.scoring import resolve_device
+    from pathology.scoring._device import default_batch_size
     from pathology.slide import open_slide
     from pathology.tiling import TileStore, tile_slide
     from pathology.tiling._read import ReaderSpec, open_reader
@@ -350,6 +420,7 @@ def run_bench(
             f"unknown bench stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONAL_STAGES)}"
         )
     dev = resolve_device(device)
+    batch_size = int(batch_size or default_batch_size(dev))
     tmp = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="pathology-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     slide_path = _synthetic_slide(tmp, size_px, say) if slide is None else Path(slide)
@@ -470,6 +541,9 @@ def run_bench(
             totals["end_to_end"] == totals["end_to_end_no_store"]
         )
     bench.peak_rss_mb, bench.peak_worker_rss_mb = _peak_rss_mb()
+    if dev.type == "cuda":
+        bench.notes["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        bench.notes["gpu_name"] = torch.cuda.get_device_name(dev)
     for done in (store, parts_dir, *e2e_dirs.values()):
         shutil.rmtree(done, ignore_errors=True)
     return bench
@@ -506,11 +580,9 @@ def _jpeg_batch_stage(
                     (c, r) for c in range(max(x, 0) // tw, min((x + w - 1) // tw, cols - 1) + 1)
                 )
         tiles_cr = sorted(wanted, key=lambda cr: (cr[1], cr[0]))
-        how = (
-            "nvJPEG (torchvision)"
-            if dev.type == "cuda"
-            else f"libjpeg-turbo, {bench.workers} threads"
-        )
+        how = f"libjpeg-turbo, {bench.workers} threads"
+        if dev.type == "cuda":  # RGB-coded tiles: nvJPEG would colour-convert them (see _jpeg)
+            how = "nvJPEG (torchvision)" if lv.jpeg_colorspace != "RGB" else how + ", to cuda"
         say(f"JPEG batch decode ({len(tiles_cr)} native tiles, {how})")
         try:  # warm-up: thread pool, and on CUDA torchvision's import and nvJPEG's handle
             first = source.read_jpeg(level, *tiles_cr[0])
@@ -566,7 +638,9 @@ def _score_stages(
     bench.notes["halo_px"] = halo_px
     if "model" in stages:
         say(f"model alone ({len(tiles)} tiles in memory, batch {batch_size})")
-        done, seconds, steps = _time_model(scorer, tiles, batch_size, bench.workers)
+        with GpuSampler(dev) as gpu:
+            done, seconds, steps = _time_model(scorer, tiles, batch_size, bench.workers)
+        _gpu_note(bench, "model", gpu)
         total = sum(steps.values()) or 1.0
         bench.notes["model_steps_pct"] = {k: round(100 * v / total, 1) for k, v in steps.items()}
         bench.seconds["model"] = seconds
@@ -576,17 +650,19 @@ def _score_stages(
     if "scoring" in stages:
         say("scoring the store")
         _sync(dev)
-        t0 = time.perf_counter()
-        scores = score_store(
-            store,
-            scorer,
-            parts_dir,
-            batch_size=batch_size,
-            read_workers=bench.workers,
-            model_workers=bench.workers,
-        )
-        _sync(dev)
-        seconds = time.perf_counter() - t0
+        with GpuSampler(dev) as gpu:
+            t0 = time.perf_counter()
+            scores = score_store(
+                store,
+                scorer,
+                parts_dir,
+                batch_size=batch_size,
+                read_workers=bench.workers,
+                model_workers=bench.workers,
+            )
+            _sync(dev)
+            seconds = time.perf_counter() - t0
+        _gpu_note(bench, "scoring", gpu)
         bench.seconds["scoring"] = seconds
         bench.rates["scoring"] = bench.tiles / seconds
         bench.notes["scoring_model_busy_pct"] = round(
@@ -633,6 +709,7 @@ def _end_to_end(
     is a key of :data:`END_TO_END` (with the tile store, or straight from the slide). Returns the
     slide's summed counts."""
     from pathology.batch import ScoreSettings, SlideJob, score_slide
+    from pathology.scoring import resolve_device
 
     settings = ScoreSettings(
         target_mpp=target_mpp,
@@ -645,9 +722,11 @@ def _end_to_end(
     )
     job = SlideJob(slide_id="bench", path=slide_path, marker=marker)
     say(f"end to end (pathology.batch.score_slide{'' if settings.store else ', no store'})")
-    t0 = time.perf_counter()
-    outcome = score_slide(job, out, settings)
-    seconds = time.perf_counter() - t0
+    with GpuSampler(resolve_device(device)) as gpu:
+        t0 = time.perf_counter()
+        outcome = score_slide(job, out, settings)
+        seconds = time.perf_counter() - t0
+    _gpu_note(bench, name, gpu)
     tiles = int(outcome.row["tissue_tiles"])
     bench.seconds[name] = seconds
     bench.rates[name] = tiles / seconds

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from pathology.cli import main
 
@@ -151,7 +152,9 @@ def test_output_contract(batch: dict[str, Any]) -> None:
     rows = _rows(out / "slides.csv")
     assert sorted(rows) == sorted(SLIDES)
     row = rows["p16-pos"]
-    assert (row["device"], row["model"]) == ("cpu", "physics-v1") and row["version"]
+    # The batch fixture runs with the default device, auto: CUDA where a GPU is visible.
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert (row["device"], row["model"]) == (device, "physics-v1") and row["version"]
     sdir = out / "p16-pos"
     tiles = pd.read_parquet(sdir / "tiles.parquet")
     assert {"row", "col", "l0_x", "l0_y", "tumor_cells", "tumor_positive"} <= set(tiles.columns)

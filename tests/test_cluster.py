@@ -30,6 +30,17 @@ from pathology.batch._cluster import (
 )
 from pathology.errors import ConfigError
 
+
+def _local_workers(asked: int) -> tuple[int, bool]:
+    """(workers, gpu) of a local cluster under the default device (auto): one worker per GPU
+    where CUDA is visible, else as asked."""
+    import torch
+
+    if torch.cuda.is_available():
+        return min(asked, torch.cuda.device_count()), True
+    return asked, False
+
+
 SIZE = 1536  # px at 0.5 um/px: ~30 tissue tiles, one shard, ~1-3 s per slide on one core
 SLIDES = {
     "p16-pos": ("p16_positive", "p16"),
@@ -105,7 +116,7 @@ def test_local_cluster_matches_serial_run(cohort: dict[str, Any], tmp_path: Path
     assert (out / "report.html").stat().st_size > 0 and not (out / "failures.csv").exists()
     assert not list(out.glob(".attempts-*"))  # the run's attempt counts are removed
     (info,) = infos
-    assert info.cluster == "local" and info.workers == 2 and not info.gpu
+    assert info.cluster == "local" and (info.workers, info.gpu) == _local_workers(2)
     assert info.scheduler_address.startswith("tcp://")
     assert sorted(bars.finished) == sorted(SLIDES)
     assert [(i, n) for i, n, _ in bars.started] == [(i, 4) for i in range(4)]
@@ -337,5 +348,5 @@ def test_score_command_runs_several_slides_on_a_local_cluster_by_default(
     out = tmp_path / "cli"
     assert main(["score", "--manifest", str(manifest), "--out", str(out), "--no-geojson"]) == 0
     err = capsys.readouterr().err
-    assert "Dask local cluster, 2 workers; dashboard:" in err
+    assert f"Dask local cluster, {_local_workers(2)[0]} workers; dashboard:" in err
     assert _rows(out) == _rows(cohort["serial"])

@@ -2,7 +2,7 @@
 
 The CPU branch (libjpeg-turbo threads) is bit-identical to the direct path and OpenSlide; the CUDA
 branch (nvJPEG through torchvision) is only checked where a GPU exists, against the CPU branch with
-a tolerance (nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's).
+a tolerance (nvJPEG's chroma upsampling differs from libjpeg-turbo's), and by the scores.
 """
 
 from __future__ import annotations
@@ -155,29 +155,50 @@ def test_decode_batch_checks_sizes_and_devices(synth_svs: Path, cmu1_path: Path)
 
 @pytest.mark.gpu
 def test_cuda_batch_matches_cpu(synth_svs: Path, cmu1_path: Path) -> None:
-    """nvJPEG through torchvision: same tiles as the CPU branch within a few grey levels."""
+    """nvJPEG through torchvision on YCbCr tiles: the CPU branch's pixels within rounding of a
+    different chroma upsampling, and the same scores; RGB-coded tiles (CMU-1), which nvJPEG
+    would colour-convert, go through the CPU decoder: bit for bit the CPU branch."""
     import torch
+
+    from pathology.scoring import score_image
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    for path in (synth_svs, cmu1_path):
-        with open_direct(path) as src:
-            tiles_cr = _all_tiles(src, 0)
-            cpu = read_jpeg_tiles(src, 0, tiles_cr, "cpu").int()
-            gpu = read_jpeg_tiles(src, 0, tiles_cr, "cuda").cpu().int()
-        diff = (cpu - gpu).abs()
-        # A colour-space mistake (YCbCr read as RGB or the reverse) differs by tens of levels.
-        assert int(diff.max()) <= 8 and float(diff.float().mean()) < 1.0, (path.name, diff.max())
+    with open_direct(synth_svs) as src:
+        cols, rows = src.levels[0].tiles_cr
+        tiles_cr = _all_tiles(src, 0)
+        cpu = read_jpeg_tiles(src, 0, tiles_cr, "cpu")
+        gpu = read_jpeg_tiles(src, 0, tiles_cr, "cuda").cpu()
+    diff = (cpu.int() - gpu.int()).abs().float()
+    # H100, 2026-11-24: mean 0.18, 99.9 % within 6, max 18 (sharp colour edges). A colour-space
+    # mistake (YCbCr read as RGB or the reverse) is tens of levels off on average.
+    assert float(diff.mean()) < 1.0
+    assert float(torch.quantile(diff.flatten()[::7], 0.999)) <= 12
+
+    def mosaic(t: torch.Tensor) -> np.ndarray:
+        th, tw = t.shape[-2:]
+        m = t.reshape(rows, cols, 3, th, tw).permute(0, 3, 1, 4, 2).reshape(rows * th, -1, 3)
+        return m.numpy()[:1300, :1800]
+
+    a, b = (score_image(mosaic(t), "p16", mpp=0.25, stains="reference").total() for t in (cpu, gpu))
+    assert a["tumor_cells"] > 100
+    assert abs(a["tumor_cells"] - b["tumor_cells"]) <= max(3, 0.03 * a["tumor_cells"])
+    pct = [100 * s["tumor_positive"] / s["tumor_cells"] for s in (a, b)]
+    assert abs(pct[0] - pct[1]) <= 2.0, pct
+    with open_direct(cmu1_path) as src:
+        tiles_cr = _all_tiles(src, 0)
+        cpu = read_jpeg_tiles(src, 0, tiles_cr, "cpu")
+        gpu = read_jpeg_tiles(src, 0, tiles_cr, "cuda")
+    assert gpu.device.type == "cuda" and torch.equal(cpu, gpu.cpu())
 
 
-@pytest.mark.realdata
 def test_cuda_without_torchvision_says_how_to_install(
-    cmu1_path: Path, monkeypatch: pytest.MonkeyPatch
+    synth_svs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "torchvision.io", None)  # import fails as without the extra
-    with open_direct(cmu1_path) as src:
+    with open_direct(synth_svs) as src:  # YCbCr tiles: the nvJPEG path (RGB-coded ones go to cpu)
         stream = src.read_jpeg(0, 0, 0)
     assert stream is not None
     with pytest.raises(ImportError, match=r"needs torchvision with nvJPEG \(pip install"):

@@ -262,3 +262,62 @@ def big_clean(
     record = json.loads((out / "big" / "slide.json").read_text())
     assert record["shards"]["scored"] >= 3  # enough shards to cut a run short after two
     return _results(out, "big")
+
+
+def test_shards_scored_together_give_each_shard_its_own_part(
+    big_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA consecutive shards go through the model as one batch (``group_tiles``), forced here
+    on the CPU: one part file per shard; the numbers of one call per shard up to float rounding
+    (a tile's sample positions depend on its place in the batch at ~1e-3 px); and a run cut short
+    after its first part resumes to exactly the numbers of an uninterrupted one (the block is
+    scored whole again)."""
+    from pathology.batch import _shards
+    from pathology.batch._shards import load_parts, plan_shards, score_image, shard_blocks
+    from pathology.scoring import load_model
+    from pathology.scoring._model import halo_for
+    from pathology.tiling import TileStore, tile_slide
+
+    tile_slide(big_slide, tmp_path / "t.zarr", target_mpp=0.5, tile_px=256, workers=1)
+    store = TileStore.open(tmp_path / "t.zarr")
+    table, shard_tiles = store.table(), int(store.meta["shard_tiles"])
+    n = len(table["row"])
+    scorer = load_model("p16", 0.5, halo_px=halo_for(0.5), device="cpu")
+    shards = plan_shards(table, shard_tiles)
+    sizes = [len(s.index) for s in shards]
+    assert len(shards) == 4 and sum(sizes) == n
+    group = sizes[0] + sizes[1]  # two shards per block
+    assert [len(b) for b in shard_blocks(shards, group)] == [2, 2]
+    assert shard_blocks(shards, 1) == [[s] for s in shards]
+
+    def run(parts: Path, group: int) -> tuple[Any, Any, int]:
+        res = score_image(
+            store.image, table, 256, shard_tiles, scorer, parts, read_workers=2, group_tiles=group
+        )
+        assert sorted(p.name for p in parts.glob("*.npz")) == sorted(s.name for s in shards)
+        return load_parts(parts, shards, n, res.counts.shape[1])
+
+    c1, cells1, _ = run(tmp_path / "per-shard", 1)
+    c2, cells2, _ = run(tmp_path / "grouped", group)
+    assert c1.sum() > 5000 and set(cells1) == set(cells2)
+    assert (c1 != c2).any(1).sum() <= 0.03 * n
+    assert np.abs(c1.sum(0) - c2.sum(0)).max() <= max(2, 0.002 * c1.sum(0).max())
+
+    real, saved = _shards._save_part, []
+
+    def save_then_stop(path: Path, *args: Any) -> None:
+        real(path, *args)
+        saved.append(path.name)
+        if len(saved) == 1:
+            raise _Stop  # dies inside the first block, after its first part
+
+    parts = tmp_path / "resumed"
+    monkeypatch.setattr(_shards, "_save_part", save_then_stop)
+    with pytest.raises(_Stop):
+        run(parts, group)
+    monkeypatch.setattr(_shards, "_save_part", real)
+    assert [p.name for p in parts.glob("*.npz")] == [shards[0].name]
+    c3, cells3, _ = run(parts, group)
+    assert np.array_equal(c2, c3)
+    for k in cells2:
+        np.testing.assert_array_equal(cells2[k], cells3[k], err_msg=k)

@@ -15,6 +15,7 @@ pixel coordinates (pixel ``i``'s centre is ``i``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from collections import deque
@@ -41,6 +42,7 @@ __all__ = [
     "read_shard_tiles",
     "score_image",
     "score_store",
+    "shard_blocks",
 ]
 
 
@@ -176,7 +178,7 @@ def score_store(
     scorer: CellScorer,
     parts_dir: Path,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     read_workers: int = 2,
     model_workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
@@ -190,8 +192,9 @@ def score_store(
         Built for the store's mpp with a ``halo_px`` of context (:func:`pathology.scoring.load_model`).
     parts_dir : Path
         One ``shard-RRRR-CCCC.npz`` per scored shard; existing ones are reused.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass (default 64 on the CPU, 1024 on CUDA, where consecutive shards are
+        scored together in batches of about this many tiles).
     read_workers : int
         Threads reading and cutting shards ahead of the model.
     model_workers : int
@@ -223,11 +226,12 @@ def score_image(
     scorer: CellScorer,
     parts_dir: Path,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     read_workers: int = 2,
     model_workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
     is_bad: Callable[[Shard], bool] | None = None,
+    group_tiles: int | None = None,
 ) -> StoreScores:
     """Score the tissue tiles of ``table`` read from ``image``; resumable through ``parts_dir``.
 
@@ -253,15 +257,20 @@ def score_image(
     is_bad : callable(Shard) -> bool, optional
         Called after a shard is read: whether some of its tiles were unreadable (recorded in its
         part file and counted in ``bad_shards``).
+    group_tiles : int, optional
+        With one model (always on CUDA), consecutive shards are scored in one call once they hold
+        this many tiles; each shard still gets its own part file. Default: ``batch_size`` on
+        CUDA (a shard's 64 tiles are too few to fill a GPU), 1 (a call per shard) on the CPU.
     """
     from pathology.scoring._api import TileScores, run_model
-    from pathology.scoring._device import torch_threads
+    from pathology.scoring._device import default_batch_size, gil_switch_interval, torch_threads
     from pathology.scoring._model import COUNT_NAMES
 
     n = len(table["row"])
     shards = plan_shards(table, shard_tiles)
     parts_dir.mkdir(parents=True, exist_ok=True)
     pending = [s for s in shards if not (parts_dir / s.name).exists()]
+    todo = {s.name for s in pending}
     done = n - sum(len(s.index) for s in pending)
     if progress is not None:
         progress(done, n)
@@ -272,7 +281,8 @@ def score_image(
         return tiles, bool(is_bad(shard)) if is_bad is not None else False
 
     model_s = wait_s = 0.0
-    cpu = next(iter(scorer.buffers())).device.type == "cpu"
+    device = next(iter(scorer.buffers())).device
+    cpu = device.type == "cpu"
     parallel = max(1, int(model_workers)) if cpu else 1
 
     def read_score(shard: Shard) -> tuple[TileScores, bool, float]:
@@ -290,9 +300,11 @@ def score_image(
             cells["y"] = cells["y"].astype(np.float64) + shard.tiles_rc[local, 0] * tile_px
             cells["tile"] = shard.index[local]
         _save_part(parts_dir / shard.name, shard, res.counts, cells, bad)
-        done += len(shard.index)
-        if progress is not None:
-            progress(done, n)
+        if shard.name in todo:
+            todo.discard(shard.name)
+            done += len(shard.index)
+            if progress is not None:
+                progress(done, n)
 
     if pending and parallel > 1:
         # Each worker reads its own shard and scores it with one torch thread; parts are saved
@@ -302,15 +314,46 @@ def score_image(
                 model_s += seconds
                 save(shard, res, bad)
     elif pending:
-        with ThreadPoolExecutor(max_workers=max(1, read_workers)) as pool:
+        # On CUDA, consecutive shards go through the model together, about ``batch`` tiles at a
+        # time (a shard holds at most shard_tiles**2 tiles, 64 by default: too few to fill a
+        # GPU); each keeps its own part file. On the CPU one shard is one call, as before.
+        batch = int(batch_size or default_batch_size(device))
+        if group_tiles is None:
+            group_tiles = batch if device.type == "cuda" else 1
+        # The groups are fixed blocks of the whole plan, and a block with any shard pending is
+        # scored whole (its finished parts rewritten with the same values): a tile's numbers
+        # depend on its place in the batch at float rounding (sample_points), so a resumed run
+        # must batch exactly as an uninterrupted one to give the same numbers.
+        blocks = shard_blocks(shards, group_tiles)
+        block_of = {s.name: b for b, block in enumerate(blocks) for s in block}
+        redo = sorted({block_of[s.name] for s in pending})
+        to_score = [s for b in redo for s in blocks[b]]
+        depth = max(2, read_workers, -(-group_tiles // max(1, shard_tiles**2)) + 1)
+        group: list[tuple[Shard, NDArray[np.uint8], bool]] = []
+
+        def flush() -> None:
+            nonlocal model_s
+            tiles = np.concatenate([g[1] for g in group]) if len(group) > 1 else group[0][1]
+            t0 = time.perf_counter()
+            res = run_model(scorer, tiles, batch)
+            model_s += time.perf_counter() - t0
+            start = 0
+            for shard, part, bad in group:
+                save(shard, _slice_scores(res, start, start + len(part)), bad)
+                start += len(part)
+            group.clear()
+
+        switch = gil_switch_interval() if device.type == "cuda" else contextlib.nullcontext()
+        with switch, ThreadPoolExecutor(max_workers=max(1, read_workers)) as pool:
             mark = time.perf_counter()
-            for shard, (tiles, bad) in _prefetch(pool, read, pending, depth=max(2, read_workers)):
-                t0 = time.perf_counter()
-                wait_s += t0 - mark
-                res = run_model(scorer, tiles, batch_size)
-                model_s += time.perf_counter() - t0
-                save(shard, res, bad)
+            for shard, (tiles, bad) in _prefetch(pool, read, to_score, depth=depth):
+                wait_s += time.perf_counter() - mark
+                if group and block_of[group[0][0].name] != block_of[shard.name]:
+                    flush()
+                group.append((shard, tiles, bad))
                 mark = time.perf_counter()
+            if group:
+                flush()
     counts, cells, bad_shards = load_parts(parts_dir, shards, n, len(COUNT_NAMES))
     return StoreScores(
         counts=counts,
@@ -323,6 +366,34 @@ def score_image(
         read_wait_s=wait_s,
         model_workers=parallel,
     )
+
+
+def shard_blocks(shards: list[Shard], group_tiles: int) -> list[list[Shard]]:
+    """Consecutive shards in blocks of at least ``group_tiles`` tissue tiles (the last block may
+    hold fewer): the batches a single model scores together. They depend on the plan alone, not
+    on which shards are already done."""
+    blocks: list[list[Shard]] = []
+    held = 0
+    for shard in shards:
+        if not blocks or held >= group_tiles:
+            blocks.append([])
+            held = 0
+        blocks[-1].append(shard)
+        held += len(shard.index)
+    return blocks
+
+
+def _slice_scores(res: Any, start: int, stop: int) -> Any:
+    """The :class:`~pathology.scoring.TileScores` of tiles ``[start, stop)`` of ``res``, with
+    cell ``tile`` indices counted from ``start``."""
+    from dataclasses import replace
+
+    cells = res.cells
+    if cells:
+        sel = (cells["tile"] >= start) & (cells["tile"] < stop)
+        cells = {k: v[sel] for k, v in cells.items()}
+        cells["tile"] = cells["tile"] - start
+    return replace(res, counts=res.counts[start:stop], cells=cells)
 
 
 def load_parts(

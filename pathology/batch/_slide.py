@@ -28,6 +28,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,10 @@ class ScoreSettings:
         Tiling threads, and on the CPU shards scored at once (each read and scored in its own
         thread with one torch thread: :func:`~pathology.batch._shards.score_image`); on CUDA,
         shard-reading threads ahead of the one model.
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int, optional
+        Tiles per forward pass; default 64 on the CPU, 1024 on CUDA
+        (:func:`~pathology.scoring._device.default_batch_size`). On CUDA, consecutive shards are
+        scored together in batches of about this many tiles.
     model : str
         Model name or folder.
     stains : {"estimate", "reference"}
@@ -121,7 +124,7 @@ class ScoreSettings:
     min_tissue: float = 0.25
     device: str = "auto"
     workers: int = 2
-    batch_size: int = 64
+    batch_size: int | None = None
     model: str = "physics-v1"
     stains: str = "estimate"
     geojson: bool = True
@@ -220,10 +223,12 @@ def _stains(
     cfg: Any,
     work: Path,
     mode: str,
+    workers: int = 1,
 ) -> Any:
     """The slide's stain estimate, computed once and saved (a resumed run reuses it).
 
-    ``read_tile(row, col)`` gives a tissue tile as (3, T, T) uint8 (from the store or the slide).
+    ``read_tile(row, col)`` gives a tissue tile as (3, T, T) uint8 (from the store or the slide);
+    the sample is read in ``workers`` threads.
     """
     from pathology.scoring._api import marker_is_nuclear
     from pathology.scoring._stains import StainEstimate, estimate_stains
@@ -236,9 +241,11 @@ def _stains(
             n = len(table["row"])
             order = np.argsort(-table["tissue"], kind="stable")
             pick = np.sort(order[np.linspace(0, n - 1, min(n, STAIN_SAMPLE_TILES)).astype(int)])
-            tiles = np.stack(
-                [read_tile(int(table["row"][i]), int(table["col"][i])) for i in pick]
-            ).transpose(0, 2, 3, 1)
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                sample = list(
+                    pool.map(lambda i: read_tile(int(table["row"][i]), int(table["col"][i])), pick)
+                )
+            tiles = np.stack(sample).transpose(0, 2, 3, 1)
             est = estimate_stains(tiles, estimate_dab=not marker_is_nuclear(cfg))
         write_text(path, json.dumps(est.to_dict(), indent=2) + "\n")
     # Always score with the estimate as read back from disk: first run and resumed run agree bit for bit.
@@ -364,7 +371,7 @@ def score_slide(
     try:
         stage("stains")
         t0 = time.perf_counter()
-        stains = _stains(source.read_tile, table, cfg, work, settings.stains)
+        stains = _stains(source.read_tile, table, cfg, work, settings.stains, settings.workers)
         t_stains = time.perf_counter() - t0
 
         stage("scoring")

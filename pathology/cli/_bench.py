@@ -79,7 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--marker", default="p16", help="marker to score (default p16, the synthetic slide's)"
     )
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per forward pass (default 64 on the CPU, 1024 on CUDA)",
+    )
     p.add_argument(
         "--stages",
         type=_stages,
@@ -171,6 +176,17 @@ def run(args: argparse.Namespace) -> int:
     ]
     if busy:
         out.print(f"model busy (share of each stage's wall time): {', '.join(busy)}")
+    util = [
+        f"{k[: -len('_gpu_util_pct')]} {v:.0f}%"
+        for k, v in data.items()
+        if k.endswith("_gpu_util_pct")
+    ]
+    if util:
+        peak = data.get("gpu_peak_mem_mb")
+        mem = f"; peak GPU memory {peak:,.0f} MB" if peak is not None else ""
+        out.print(f"GPU utilisation (NVML, mean over each stage): {', '.join(util)}{mem}")
+    elif "gpu_util" in data:
+        out.print(f"GPU utilisation not read: {data['gpu_util']}")
     costs = [
         f"{name} {data[f'{name}_per_slide_s']:.1f} s + tiles / {data[f'{name}_tile_rate']:,.0f}"
         for name in ("end_to_end", "end_to_end_no_store")
@@ -195,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         "end_to_end_no_store_same_counts",
         "peak_rss_mb",
         "peak_worker_rss_mb",
+        "gpu_name",
+        "gpu_peak_mem_mb",
     )
     print(json.dumps({k: data[k] for k in keys if k in data}))
     if args.json:

@@ -63,7 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="YAML",
         help="cluster settings (scripts/slurm/cluster.yaml shows every key)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiles per forward pass (default 64 on the CPU, 1024 on CUDA)",
+    )
     p.add_argument(
         "--target-mpp",
         type=float,
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no slides: give slide files or folders, or --manifest CSV")
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     settings = ScoreSettings(
         target_mpp=args.target_mpp,

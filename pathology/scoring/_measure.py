@@ -147,10 +147,23 @@ def _wmean(v: torch.Tensor, w: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def _prefix(v: torch.Tensor) -> torch.Tensor:
-    """(..., S + 1) prefix sums along the last axis, starting at 0."""
+    """(..., S + 1) prefix sums along the last axis, starting at 0.
+
+    On CUDA the scan runs along the leading axis of a transposed copy: torch's kernel for a scan
+    along the last axis is slow for short rows (S ~ 33 samples, millions of rays), measured at
+    2.7 ms per call for 1.4 M rays on an H100, a third of the model's GPU time; two transposes
+    and the leading-axis scan move the same data in a fraction of that. Each ray is then summed
+    one sample after another, as on the CPU.
+    """
     import torch
 
-    out = torch.empty((*v.shape[:-1], v.shape[-1] + 1), dtype=v.dtype, device=v.device)
+    s = v.shape[-1]
+    if v.device.type == "cuda" and v.dim() > 1:
+        cols = torch.empty((s + 1, v.numel() // max(s, 1)), dtype=v.dtype, device=v.device)
+        cols[0] = 0.0
+        torch.cumsum(v.reshape(-1, s).t().contiguous(), 0, out=cols[1:])
+        return cols.t().contiguous().view(*v.shape[:-1], s + 1)
+    out = torch.empty((*v.shape[:-1], s + 1), dtype=v.dtype, device=v.device)
     out[..., 0] = 0.0
     torch.cumsum(v, -1, out=out[..., 1:])
     return out

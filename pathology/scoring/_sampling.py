@@ -58,6 +58,8 @@ def sample_points(
     threads = torch.get_num_threads() if dev.type == "cpu" else 1
     parts = max(1, min(threads, k))
     kp = -(-k // parts) if k else 0  # centres per batch item
+    # Every item gets at least one centre: 17 centres on 16 threads are 9 items of 2, not 16.
+    parts = max(1, -(-k // kp)) if kp else 1
     # Planar grid storage (item, x/y, centre, point): every plane is written contiguously (fast
     # vectorised adds and clamps; strided writes into an interleaved (..., 2) grid are several
     # times slower), and grid_sample reads planar grids on its fast path as well.
