@@ -150,10 +150,10 @@ def _prefix(v: torch.Tensor) -> torch.Tensor:
     """(..., S + 1) prefix sums along the last axis, starting at 0.
 
     On CUDA the scan runs along the leading axis of a transposed copy: torch's kernel for a scan
-    along the last axis is slow for short rows (S ~ 33 samples, millions of rays), measured at
-    2.7 ms per call for 1.4 M rays on an H100, a third of the model's GPU time; two transposes
-    and the leading-axis scan move the same data in a fraction of that. Each ray is then summed
-    one sample after another, as on the CPU.
+    along the last axis is slow for short rows (S ~ 33 samples, millions of rays). Measured on an
+    H100 for (87,000 cells, 16 rays, 33 samples): 8.0 ms per call, a third of the model's GPU
+    time, against 1.5 ms this way (model alone 25k -> 31k tiles/s at batch 1024). Each ray is then
+    summed one sample after another, as on the CPU (equal to the CPU's prefix sums to 8e-6).
     """
     import torch
 
