@@ -125,7 +125,11 @@ def test_bench_measures_every_stage_on_the_same_tiles(
     # peer ran on all of them here (fewer than their sample caps).
     assert data["end_to_end_tiles"] == data["tiles"] == data["end_to_end_no_store_tiles"]
     # Scoring straight from the slide renders the store's pixels: the same summed counts.
-    assert data["end_to_end_no_store_same_counts"] is True
+    if data["end_to_end_no_store_decoder"] == "nvjpeg":  # CUDA: within nvJPEG's rounding
+        assert data["end_to_end_no_store_counts_max_rel_diff"] <= 0.1
+    else:
+        assert data["end_to_end_no_store_same_counts"] is True
+        assert data["end_to_end_no_store_counts_max_rel_diff"] == 0
     assert data["end_to_end_no_store_split_s"]["tiling"] < data["end_to_end_split_s"]["tiling"]
     assert data["model_tiles"] == data["tiles"] and data["model_tiles_scored"] >= data["tiles"]
     assert data["peer_tiles"] == min(data["tiles"], 64) and data["peer_processes"] == 2

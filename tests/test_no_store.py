@@ -94,6 +94,51 @@ def test_slide_image_is_the_store_image(
         assert image.failed_tiles == []
 
 
+@pytest.mark.parametrize("target_mpp", [0.5, 1.0])
+def test_device_jpeg_image_renders_the_slide_image(
+    slide: Path, big_slide: Path, target_mpp: float
+) -> None:
+    """Shards rendered from the native JPEG tiles with torch (decode, block mean, tissue mask,
+    halo windows) equal :class:`SlideImage`'s, for every shard of the plan and for boxes reaching
+    beyond the image; the CPU decoder here, nvJPEG on CUDA (tests/test_jpeg.py bounds that one)."""
+    import torch
+
+    from pathology.batch._shards import plan_shards, read_shard_tiles
+    from pathology.tiling._device_image import DeviceJpegImage, device_decode_support
+    from pathology.tiling._image import SlideImage
+    from pathology.tiling._read import ReaderSpec
+    from pathology.tiling._run import plan_tissue_tiles
+
+    for path, tile_px in ((slide, 128), (big_slide, 256)):
+        plan = plan_tissue_tiles(path, target_mpp=target_mpp, tile_px=tile_px)
+        assert device_decode_support(path, plan.grid) is None
+        image = SlideImage(ReaderSpec(str(path), None, True), plan.grid, plan.tiles_rc)
+        with DeviceJpegImage(image, torch.device("cpu")) as dev:
+            shards = plan_shards(plan.table, 4)
+            assert len(shards) >= 3
+            for shard in shards:
+                want = read_shard_tiles(image, shard.tiles_rc, tile_px, 32)
+                got = dev.read_shard(shard.tiles_rc, tile_px, 32)
+                assert got.shape == want.shape and got.dtype == torch.uint8
+                np.testing.assert_array_equal(got.numpy(), want)
+            _, h, w = image.shape
+            for box in ((-40, -40, 300, 200), (w - 100, h - 90, 250, 250), (0, 0, w, h)):
+                np.testing.assert_array_equal(dev.read_box(box).numpy(), _box(image, box))
+            assert dev.fallbacks == 0
+    plan = plan_tissue_tiles(slide, target_mpp=0.7, tile_px=128)
+    assert "resamples" in str(device_decode_support(slide, plan.grid))
+
+
+def _box(image: Any, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``image``'s pixels of an output box that may leave it (white there)."""
+    x0, y0, bw, bh = box
+    _, h, w = image.shape
+    out = np.full((3, bh, bw), 255, np.uint8)
+    ax, ay, bx, by = max(x0, 0), max(y0, 0), min(x0 + bw, w), min(y0 + bh, h)
+    out[:, ay - y0 : by - y0, ax - x0 : bx - x0] = image[:, ay:by, ax:bx]
+    return out
+
+
 def test_unreadable_tile_is_white_and_flagged(slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pathology.errors import TileReadError
     from pathology.tiling._image import SlideImage
@@ -124,8 +169,10 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _score(slide: Path, out: Path, *more: str) -> int:
+    # --decode cpu: on a CUDA box --no-store would otherwise decode with nvJPEG, whose pixels
+    # are within rounding of the store's, not equal (test_nvjpeg_no_store_... covers that).
     argv = ["score", str(slide), "--marker", "p16", "--out", str(out), "--workers", "1"]
-    return main([*argv, "--no-geojson", *more])
+    return main([*argv, "--no-geojson", "--decode", "cpu", *more])
 
 
 def _results(out: Path, sid: str) -> tuple[dict[str, str], pd.DataFrame, pd.DataFrame]:
@@ -158,6 +205,50 @@ def test_no_store_gives_the_same_results(scored: dict[str, Path]) -> None:
     counts = store.group["scores/p16/counts"]
     names = list(store.group["scores/p16"].attrs["count_names"])
     np.testing.assert_array_equal(np.asarray(counts[...]), tiles_b[names].to_numpy())
+
+
+def test_no_store_rendered_by_the_device_path_gives_the_same_results(
+    slide: Path, scored: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--no-store`` with the shards rendered by :class:`DeviceJpegImage` (what ``--decode auto``
+    does on CUDA), forced here on the CPU decoder: the same rows, tiles and cells as the
+    reading threads' rendering, and ``slide.json`` says who decoded."""
+    import torch
+
+    from pathology.batch import _slide
+
+    monkeypatch.setattr(_slide, "_device_decoder", lambda *_: torch.device("cpu"))
+    out = tmp_path / "dev"
+    assert (
+        main(
+            [
+                "score",
+                str(slide),
+                "--marker",
+                "p16",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--no-geojson",
+                "--no-store",
+            ]
+        )
+        == 0
+    )
+    row_a, tiles_a, cells_a = _results(scored["nostore"], "s")
+    row_b, tiles_b, cells_b = _results(out, "s")
+    assert row_a == row_b
+    pd.testing.assert_frame_equal(tiles_a, tiles_b)
+    pd.testing.assert_frame_equal(cells_a, cells_b)
+    record = json.loads((out / "s" / "slide.json").read_text())
+    assert record["tile_decoder"] == "cpu" and record["tile_store"] is False
+    monkeypatch.undo()
+    with pytest.raises(Exception, match="decode must be one of auto, cpu"):
+        from pathology.batch import ScoreSettings, SlideJob, score_slide
+
+        job = SlideJob(slide_id="s", path=slide, marker="p16")
+        score_slide(job, tmp_path / "bad", ScoreSettings(store=False, decode="gpu"))
 
 
 def test_no_store_writes_no_image(scored: dict[str, Path]) -> None:
@@ -227,7 +318,9 @@ def test_resume_after_an_interrupted_run(
         # Two workers: on the CPU two shards are read and scored at once, so the run dies with
         # another shard in flight (its part must not be written); the resumed run and the clean
         # one score one shard at a time, so the equality below also checks parallel = serial.
-        score_slide(job, out, ScoreSettings(workers=2, geojson=False, store=not first))
+        score_slide(
+            job, out, ScoreSettings(workers=2, geojson=False, store=not first, decode="cpu")
+        )
     parts = out / "big" / "work" / "parts"
     assert sorted(p.name for p in parts.glob("shard-*.npz")) == sorted(saved)
     assert (out / "big" / "tiles.zarr").exists() is not bool(first)
@@ -321,3 +414,28 @@ def test_shards_scored_together_give_each_shard_its_own_part(
     assert np.array_equal(c2, c3)
     for k in cells2:
         np.testing.assert_array_equal(cells2[k], cells3[k], err_msg=k)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_no_store_matches_the_store_within_rounding(
+    slide: Path, scored: dict[str, Path], tmp_path: Path
+) -> None:
+    """On CUDA, ``--no-store`` (``--decode auto``) decodes the slide's JPEG tiles with nvJPEG and
+    renders the shards on the GPU: the decoder is recorded and the counts are the store's
+    within nvJPEG's rounding (its chroma upsampling is not libjpeg-turbo's)."""
+    import torch
+
+    pytest.importorskip("torchvision", reason="nvJPEG needs the gpu extra (torchvision)")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out = tmp_path / "gpu"
+    argv = ["score", str(slide), "--marker", "p16", "--out", str(out), "--workers", "4"]
+    assert main([*argv, "--no-geojson", "--no-store"]) == 0
+    record = json.loads((out / "s" / "slide.json").read_text())
+    assert record["tile_decoder"] == "nvjpeg"
+    row_a, _, _ = _results(scored["store"], "s")
+    row_b, _, _ = _results(out, "s")
+    a, b = int(row_a["tumor_cells"]), int(row_b["tumor_cells"])
+    assert a > 100 and abs(a - b) <= max(3, 0.03 * a)
+    pa, pb = (100 * int(r["tumor_positive"]) / int(r["tumor_cells"]) for r in (row_a, row_b))
+    assert abs(pa - pb) <= 2.0

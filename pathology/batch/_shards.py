@@ -121,8 +121,12 @@ def read_shard_tiles(
     """Tiles (k, 3, T + 2 halo, T + 2 halo) uint8 cut from one read of their bounding region.
 
     ``image`` is the store's (3, H, W) array, or anything sliced like it (a
-    :class:`~pathology.tiling._image.SlideImage`); pixels outside it are white glass.
+    :class:`~pathology.tiling._image.SlideImage`); pixels outside it are white glass. An image
+    that renders shards itself (:class:`~pathology.tiling._device_image.DeviceJpegImage`) gives
+    them as a torch tensor on its device.
     """
+    if hasattr(image, "read_shard"):
+        return image.read_shard(tiles_rc, tile_px, halo_px)
     _, h, w = image.shape
     t, o = tile_px, halo_px
     r0, c0 = (int(v) for v in tiles_rc.min(0))
@@ -262,6 +266,8 @@ def score_image(
         this many tiles; each shard still gets its own part file. Default: ``batch_size`` on
         CUDA (a shard's 64 tiles are too few to fill a GPU), 1 (a call per shard) on the CPU.
     """
+    import torch
+
     from pathology.scoring._api import TileScores, run_model
     from pathology.scoring._device import default_batch_size, gil_switch_interval, torch_threads
     from pathology.scoring._model import COUNT_NAMES
@@ -333,7 +339,13 @@ def score_image(
 
         def flush() -> None:
             nonlocal model_s
-            tiles = np.concatenate([g[1] for g in group]) if len(group) > 1 else group[0][1]
+            parts = [g[1] for g in group]
+            if len(parts) == 1:
+                tiles = parts[0]
+            elif isinstance(parts[0], np.ndarray):
+                tiles = np.concatenate(parts)
+            else:  # tensors already on the device (DeviceJpegImage)
+                tiles = torch.cat(parts)
             t0 = time.perf_counter()
             res = run_model(scorer, tiles, batch)
             model_s += time.perf_counter() - t0

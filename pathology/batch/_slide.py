@@ -25,6 +25,7 @@ counts are the same and part files in ``work/`` serve either way. The per-tile c
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from numpy.typing import NDArray
 
 from pathology._io import atomic_path, write_text
 from pathology.batch._manifest import SlideJob
-from pathology.errors import OutputExistsError
+from pathology.errors import ConfigError, OutputExistsError
 
 __all__ = [
     "REQUIRED_SLIDE_COLUMNS",
@@ -84,6 +85,9 @@ REQUIRED_SLIDE_COLUMNS = SLIDE_COLUMNS[: SLIDE_COLUMNS.index("seconds") + 1]
 CELL_TYPE_NAMES = ("tumor", "lymphocyte", "macrophage", "other")
 #: Tiles sampled (evenly over the tissue) to estimate a slide's stain vectors.
 STAIN_SAMPLE_TILES = 48
+#: ``ScoreSettings.decode`` values.
+DECODERS = ("auto", "cpu")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,13 @@ class ScoreSettings:
         Keep the tiles in ``tiles.zarr`` (a cache: reused by later runs and viewers). False
         (``--no-store``) scores straight from the slide and writes no image: same pixels, same
         counts, so it is not part of the settings that decide whether a slide is redone.
+    decode : {"auto", "cpu"}
+        With ``store=False`` on a CUDA device, ``auto`` decodes the slide's native JPEG tiles on
+        the GPU (nvJPEG) and renders the shards there (:class:`~pathology.tiling._device_image.
+        DeviceJpegImage`) when the grid is an exact block mean of a JPEG level and torchvision
+        is installed; otherwise, and with ``cpu``, tiles are rendered by the reading threads.
+        nvJPEG's pixels are within rounding of libjpeg-turbo's (counts within a fraction of a
+        percent, not bit for bit); ``slide.json`` records which decoder ran (``tile_decoder``).
     """
 
     target_mpp: float = 0.5
@@ -129,6 +140,7 @@ class ScoreSettings:
     stains: str = "estimate"
     geojson: bool = True
     store: bool = True
+    decode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -518,6 +530,7 @@ def score_slide(
         },
         "shards": {"scored": scores.shards_scored, "resumed": scores.shards_skipped},
         "tile_store": source.store is not None,
+        "tile_decoder": source.decoder,
     }
     write_text(slide_dir / "slide.json", json.dumps(record, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -539,6 +552,7 @@ class _TileSource:
     is_bad: Callable[[Any], bool]
     store: Any = None  # TileStore, when there is one
     close: Callable[[], None] = lambda: None
+    decoder: str = "cpu"  # who decodes the tiles scored: "cpu", or "nvjpeg" on the device
 
     def bad_shards(self) -> int:
         return int((self.store.shard_progress == 2).sum())
@@ -604,15 +618,48 @@ def _slide_source(
     image = SlideImage(
         ReaderSpec(str(job.path.resolve()), job.mpp, direct), plan.grid, plan.tiles_rc
     )
+    scored: Any = image
+    decoder = "cpu"
+    device = _device_decoder(job.path, plan.grid, settings)
+    if device is not None:
+        from pathology.tiling._device_image import DeviceJpegImage
+
+        scored = DeviceJpegImage(image, device)
+        decoder = "nvjpeg" if device.type == "cuda" else "cpu"
     return _TileSource(
         grid=plan.grid,
         table=plan.table,
-        image=image,
+        image=scored,
         shard_tiles=SHARD_TILES,
         read_tile=image.read_tile,
-        is_bad=lambda shard: image.any_failed(shard.tiles_rc),
-        close=image.close,
+        is_bad=lambda shard: scored.any_failed(shard.tiles_rc),
+        close=scored.close,
+        decoder=decoder,
     )
+
+
+def _device_decoder(path: Path, grid: Any, settings: ScoreSettings) -> Any:
+    """The CUDA device to decode the slide's JPEG tiles on (``settings.decode`` auto), or None:
+    CPU scoring, ``decode="cpu"``, a grid or slide the device path cannot render exactly, or no
+    torchvision (the ``gpu`` extra); the reason is logged."""
+    from pathology.scoring import resolve_device
+    from pathology.tiling._device_image import device_decode_support
+
+    if settings.decode not in DECODERS:
+        raise ConfigError(f"decode must be one of {', '.join(DECODERS)}, got {settings.decode!r}")
+    dev = resolve_device(settings.device)
+    if settings.decode == "cpu" or dev.type != "cuda":
+        return None
+    why = device_decode_support(path, grid)
+    if why is None:
+        try:
+            import torchvision.io  # noqa: F401
+        except Exception as exc:  # missing, or built for another torch
+            why = f"no usable torchvision ({type(exc).__name__}); pip install -e '.[gpu]'"
+    if why is not None:
+        log.info("%s: tiles decoded on the CPU: %s", path.name, why)
+        return None
+    return dev
 
 
 def _write_store_counts(store: Any, scores: Any, provenance: dict[str, Any]) -> None:

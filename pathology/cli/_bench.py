@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         "end_to_end_split_s",
         "end_to_end_no_store_split_s",
         "end_to_end_no_store_same_counts",
+        "end_to_end_no_store_decoder",
+        "end_to_end_no_store_counts_max_rel_diff",
         "peak_rss_mb",
         "peak_worker_rss_mb",
         "gpu_name",

@@ -97,7 +97,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-store",
         action="store_true",
         help="score straight from the slide without writing the tile store (tiles.zarr): same "
-        "pixels and counts, per-tile counts in tiles.parquet only",
+        "pixels and counts (on CUDA, see --decode), per-tile counts in tiles.parquet only",
+    )
+    p.add_argument(
+        "--decode",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="with --no-store on CUDA: auto (default) decodes the slide's JPEG tiles on the GPU "
+        "(nvJPEG, needs the gpu extra) when the grid is an exact block mean of a JPEG level; cpu "
+        "always decodes in the reading threads",
     )
     add_slide_mpp(p, mpp_alias=True)
     p.add_argument(
@@ -189,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         stains=args.stains,
         geojson=not args.no_geojson,
         store=not args.no_store,
+        decode=args.decode,
     )
     err = Console(stderr=True)
     tty = err.is_terminal
