@@ -531,7 +531,7 @@ def run_bench(
             say=say,
         )
     if n and any(name in stages for name in END_TO_END):
-        _import_output_writers()
+        _import_output_writers(dev)
     totals = {
         name: _end_to_end(
             bench, slide_path, e2e_dirs[name], marker, str(dev), batch_size, target_mpp, say, name
@@ -690,14 +690,21 @@ def _score_stages(
         bench.notes["peer_cells"] = cells
 
 
-def _import_output_writers() -> None:
-    """Import what the end-to-end runs' outputs use (pandas, pyarrow, matplotlib: ~0.8 s) before
-    either is timed: otherwise whichever runs first pays it alone, and a cohort pays it once per
-    process, not per slide."""
+def _import_output_writers(dev: torch.device) -> None:
+    """Import what the end-to-end runs' outputs use (pandas, pyarrow, matplotlib: ~0.8 s) and, on
+    CUDA, torchvision (nvJPEG for ``--no-store``; its first import took ~5 s on the H100 box,
+    charged to the first no-store run's planning) before either run is timed: otherwise
+    whichever runs first pays it alone, and a cohort pays it once per process, not per slide."""
     import matplotlib.backends.backend_agg
     import matplotlib.figure  # noqa: F401
     import pandas  # noqa: F401
     import pyarrow.parquet  # noqa: F401
+
+    if dev.type == "cuda":
+        try:
+            import torchvision.io  # noqa: F401
+        except Exception:  # not installed: --no-store decodes on the CPU (recorded per run)
+            pass
 
 
 def _end_to_end(

@@ -141,7 +141,8 @@ def test_bench_measures_every_stage_on_the_same_tiles(
     bound = 1 / (1 / fastest + 1 / data["model_tiles_per_s"])
     assert data["cpu_bound_tiles_per_s"] == pytest.approx(bound, rel=0.01)
     assert data["cpu_bound_tiles_per_s"] < min(fastest, data["model_tiles_per_s"])
-    assert data["cpu_bound_vs_peer"] == pytest.approx(bound / peer, rel=0.02)
+    # The JSON's peer rate is rounded to 0.1 tiles/s: a slow peer (a busy machine) moves the ratio.
+    assert data["cpu_bound_vs_peer"] == pytest.approx(bound / peer, rel=0.02 + 0.05 / peer)
     assert "CPU bound for any end-to-end path" in stdout
     # Batched JPEG decode of the native level-0 tiles under the tissue tiles (CPU threads here).
     assert (
