@@ -262,9 +262,10 @@ def score_image(
         Called after a shard is read: whether some of its tiles were unreadable (recorded in its
         part file and counted in ``bad_shards``).
     group_tiles : int, optional
-        With one model (always on CUDA), consecutive shards are scored in one call once they hold
-        this many tiles; each shard still gets its own part file. Default: ``batch_size`` on
-        CUDA (a shard's 64 tiles are too few to fill a GPU), 1 (a call per shard) on the CPU.
+        With one model (always on CUDA), consecutive shards are scored in one call of up to this
+        many tiles (:func:`shard_blocks`); each shard still gets its own part file. Default:
+        ``batch_size`` on CUDA (a shard's 64 tiles are too few to fill a GPU), 1 (a call per
+        shard) on the CPU.
     """
     import torch
 
@@ -320,7 +321,7 @@ def score_image(
                 model_s += seconds
                 save(shard, res, bad)
     elif pending:
-        # On CUDA, consecutive shards go through the model together, about ``batch`` tiles at a
+        # On CUDA, consecutive shards go through the model together, up to ``batch`` tiles at a
         # time (a shard holds at most shard_tiles**2 tiles, 64 by default: too few to fill a
         # GPU); each keeps its own part file. On the CPU one shard is one call, as before.
         batch = int(batch_size or default_batch_size(device))
@@ -381,17 +382,19 @@ def score_image(
 
 
 def shard_blocks(shards: list[Shard], group_tiles: int) -> list[list[Shard]]:
-    """Consecutive shards in blocks of at least ``group_tiles`` tissue tiles (the last block may
-    hold fewer): the batches a single model scores together. They depend on the plan alone, not
-    on which shards are already done."""
+    """Consecutive shards in blocks of at most ``group_tiles`` tissue tiles (a bigger shard is a
+    block of its own): the batches a single model scores together, one forward pass each when
+    ``group_tiles`` is the batch size. They depend on the plan alone, not on which shards are
+    already done."""
     blocks: list[list[Shard]] = []
     held = 0
     for shard in shards:
-        if not blocks or held >= group_tiles:
+        k = len(shard.index)
+        if not blocks or held + k > group_tiles:
             blocks.append([])
             held = 0
         blocks[-1].append(shard)
-        held += len(shard.index)
+        held += k
     return blocks
 
 
