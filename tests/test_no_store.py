@@ -381,7 +381,7 @@ def test_shards_scored_together_give_each_shard_its_own_part(
     assert len(shards) == 4 and sum(sizes) == n
     group = sizes[0] + sizes[1]  # the first block holds two shards
     blocks = shard_blocks(shards, group)
-    assert [len(b) for b in blocks][0] == 2 and [s for b in blocks for s in b] == shards
+    assert len(blocks[0]) == 2 and [s for b in blocks for s in b] == shards
     assert all(sum(len(s.index) for s in b) <= group for b in blocks)
     assert shard_blocks(shards, 1) == [[s] for s in shards]
 
