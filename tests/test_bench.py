@@ -218,3 +218,38 @@ def test_bench_size_and_stage_options() -> None:
     assert _stages("all") == OPTIONAL_STAGES and _stages("peer, model") == ("peer", "model")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown stage"):
         _stages("decode")
+
+
+def test_gpu_sampler_averages_the_utilisation_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's GPU utilisation: NVML's counter (stubbed here: no GPU in CI) sampled in a thread
+    over the block and averaged; off CUDA or without NVML nothing is sampled and the reason is
+    kept, so the JSON says why the figure is missing."""
+    import time
+
+    import torch
+
+    from pathology import bench
+
+    readings = iter([10, 30, 50, 70, 90] + [90] * 1000)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device=None: next(readings))
+    monkeypatch.setattr(bench, "GPU_SAMPLE_S", 0.01)
+    with bench.GpuSampler(torch.device("cuda")) as gpu:
+        time.sleep(0.3)
+    assert len(gpu.samples) >= 5 and gpu.samples[:4] == [30, 50, 70, 90]  # first read: the probe
+    assert gpu.mean_pct == pytest.approx(sum(gpu.samples) / len(gpu.samples), abs=0.05)
+    result = bench.BenchResult("s", 1, 1, 256, 0.5, 1, 1, device="cuda")
+    bench._gpu_note(result, "model", gpu)
+    assert result.notes["model_gpu_util_pct"] == gpu.mean_pct
+
+    def no_nvml(device: Any = None) -> int:
+        raise ModuleNotFoundError("pynvml module not found, please install nvidia-ml-py")
+
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    with bench.GpuSampler(torch.device("cuda")) as gpu:
+        pass
+    assert gpu.mean_pct is None and gpu.why_not is not None and "no NVML" in gpu.why_not
+    bench._gpu_note(result, "scoring", gpu)
+    assert "scoring_gpu_util_pct" not in result.notes and "pynvml" in result.notes["gpu_util"]
+    with bench.GpuSampler(torch.device("cpu")) as gpu:
+        pass
+    assert gpu.why_not == "not on CUDA" and gpu.mean_pct is None

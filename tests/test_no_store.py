@@ -163,6 +163,43 @@ def test_unreadable_tile_is_white_and_flagged(slide: Path, monkeypatch: pytest.M
         assert image.failed_tiles == [f"tile row {r}, col {c}: {slide}: damaged JPEG"]
 
 
+def test_device_image_falls_back_to_the_slide_image_on_a_damaged_tile(
+    slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JPEG tile the device path cannot read: that shard is rendered by :class:`SlideImage`
+    instead (which, should it fail too, paints the tile white and flags it: tested above). Here
+    the CPU reader reads it, so the shard's pixels are the same as without the damage."""
+    import torch
+
+    from pathology.batch._shards import plan_shards, read_shard_tiles
+    from pathology.errors import TileReadError
+    from pathology.tiling._device_image import DeviceJpegImage
+    from pathology.tiling._direct import DirectTiffSource
+    from pathology.tiling._image import SlideImage
+    from pathology.tiling._read import ReaderSpec
+    from pathology.tiling._run import plan_tissue_tiles
+
+    plan = plan_tissue_tiles(slide, tile_px=128)
+    shard = plan_shards(plan.table, 4)[0]
+    real_jpeg = DirectTiffSource.read_jpeg
+
+    def damaged(self: Any, level: int, col: int, row: int) -> bytes | None:
+        if (col, row) == (0, 0):
+            raise TileReadError(slide, "damaged JPEG")
+        return real_jpeg(self, level, col, row)
+
+    image = SlideImage(ReaderSpec(str(slide), None, True), plan.grid, plan.tiles_rc)
+    with DeviceJpegImage(image, torch.device("cpu")) as dev:
+        clean = dev.read_shard(shard.tiles_rc, 128, 32).clone()
+        monkeypatch.setattr(DirectTiffSource, "read_jpeg", damaged)
+        got = dev.read_shard(shard.tiles_rc, 128, 32)
+        assert dev.fallbacks == 1
+        monkeypatch.undo()
+        np.testing.assert_array_equal(got.numpy(), read_shard_tiles(image, shard.tiles_rc, 128, 32))
+        assert torch.equal(got, clean) and got.shape[0] == len(shard.tiles_rc)
+        assert dev.any_failed(shard.tiles_rc) is False
+
+
 def _rows(path: Path) -> dict[str, dict[str, str]]:
     with path.open(newline="") as fh:
         return {r["slide_id"]: r for r in csv.DictReader(fh)}

@@ -322,6 +322,19 @@ def test_sample_points_matches_per_tile_grid_sample(threads: int) -> None:
         torch.set_num_threads(before)
 
 
+def test_prefix_sums_by_columns_equal_the_last_axis_scan() -> None:
+    """The CUDA layout of the rays' prefix sums (a scan down a transposed copy) gives the CPU's
+    sums bit for bit, empty batches included; run here on the CPU."""
+    from pathology.scoring._measure import _prefix, _prefix_by_columns
+
+    g = torch.Generator().manual_seed(3)
+    for shape in ((50, 16, 33), (7, 13), (0, 16, 33)):
+        v = torch.rand(shape, generator=g)
+        got = _prefix_by_columns(v)
+        assert got.shape == (*shape[:-1], shape[-1] + 1) and got.is_contiguous()
+        assert torch.equal(got, _prefix(v))
+
+
 @pytest.mark.parametrize("mpp", [0.5, 0.25])
 def test_halo_cells_get_short_haematoxylin_rays_and_the_same_features(mpp: float) -> None:
     """Cells that cannot end up in a tile's core get haematoxylin-only rays, only as long as their

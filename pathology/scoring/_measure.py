@@ -159,14 +159,22 @@ def _prefix(v: torch.Tensor) -> torch.Tensor:
 
     s = v.shape[-1]
     if v.device.type == "cuda" and v.dim() > 1:
-        cols = torch.empty((s + 1, v.numel() // max(s, 1)), dtype=v.dtype, device=v.device)
-        cols[0] = 0.0
-        torch.cumsum(v.reshape(-1, s).t().contiguous(), 0, out=cols[1:])
-        return cols.t().contiguous().view(*v.shape[:-1], s + 1)
+        return _prefix_by_columns(v)
     out = torch.empty((*v.shape[:-1], s + 1), dtype=v.dtype, device=v.device)
     out[..., 0] = 0.0
     torch.cumsum(v, -1, out=out[..., 1:])
     return out
+
+
+def _prefix_by_columns(v: torch.Tensor) -> torch.Tensor:
+    """:func:`_prefix` as a scan along the leading axis of a transposed copy (the CUDA path)."""
+    import torch
+
+    s = v.shape[-1]
+    cols = torch.empty((s + 1, v.numel() // max(s, 1)), dtype=v.dtype, device=v.device)
+    cols[0] = 0.0
+    torch.cumsum(v.reshape(-1, s).t().contiguous(), 0, out=cols[1:])
+    return cols.t().contiguous().view(*v.shape[:-1], s + 1)
 
 
 def _band(lo_um: torch.Tensor, hi_um: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
