@@ -35,7 +35,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pathology.errors import TileReadError
+from pathology.tiling._direct import open_direct
 from pathology.tiling._grid import TileGrid
+from pathology.tiling._image import PerThread
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +50,7 @@ __all__ = ["DeviceJpegImage", "device_decode_support"]
 def device_decode_support(path: Any, grid: TileGrid) -> str | None:
     """None when :class:`DeviceJpegImage` can render ``grid`` of the slide at ``path``; else why
     not, in one line."""
-    from pathology.tiling._direct import open_direct, why_not
+    from pathology.tiling._direct import why_not
 
     if not grid.snapped or not float(grid.factor).is_integer():
         return "the grid resamples (not an exact block mean of level pixels)"
@@ -93,26 +95,12 @@ class DeviceJpegImage:
         self.shape = image.shape
         self.dtype = image.dtype
         self.fallbacks = 0
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._sources: list[Any] = []
-
-    def _source(self) -> Any:
-        from pathology.tiling._direct import open_direct
-
-        source = getattr(self._local, "source", None)
-        if source is None:
-            source = self._local.source = open_direct(self.image.spec.path)
-            with self._lock:
-                self._sources.append(source)
-        return source
+        # One direct TIFF source per reading thread, as SlideImage keeps one reader per thread.
+        self._sources = PerThread(lambda: open_direct(image.spec.path))
 
     def close(self) -> None:
-        with self._lock:
-            sources, self._sources = self._sources, []
-        self._local = threading.local()
-        for source in sources:
-            source.close()
+        self._sources.close()
         self.image.close()
 
     def __enter__(self) -> DeviceJpegImage:
@@ -173,7 +161,7 @@ class DeviceJpegImage:
         if not tissue.any():
             return white  # no tissue tile under the box: white glass, as in the store
         # Native tiles under the level pixels of [ax, bx) x [ay, by), decoded in one batch.
-        source = self._source()
+        source = self._sources.get()
         lv = source.levels[grid.level]
         (tw, th), (ncols, nrows) = lv.tile_px, lv.tiles_cr
         lw, lh = lv.size_px

@@ -24,6 +24,7 @@ read and closed by :meth:`SlideImage.close`; the record of unreadable tiles is l
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,33 @@ from pathology.errors import TileReadError
 from pathology.tiling._grid import TileGrid
 from pathology.tiling._read import ReaderSpec, open_reader, render_tile
 
-__all__ = ["SlideImage"]
+__all__ = ["PerThread", "SlideImage"]
+
+
+class PerThread:
+    """One handle per calling thread (a slide reader, a TIFF source), opened by ``opener`` on the
+    thread's first :meth:`get`; :meth:`close` closes them all, and a later ``get`` opens anew."""
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[Any] = []
+
+    def get(self) -> Any:
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = self._local.handle = self._opener()
+            with self._lock:
+                self._open.append(handle)
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._open = self._open, []
+        self._local = threading.local()
+        for handle in handles:
+            handle.close()
 
 
 class SlideImage:
@@ -67,25 +94,15 @@ class SlideImage:
         self._parts_exact = grid.snapped and float(grid.level_downsample).is_integer()
         self._failed: dict[tuple[int, int], str] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._readers: list[Any] = []
+        self._readers = PerThread(lambda: open_reader(self.spec))
 
     def _reader(self) -> Any:
         """The calling thread's slide handle (one per thread, see the module docstring)."""
-        reader = getattr(self._local, "reader", None)
-        if reader is None:
-            reader = self._local.reader = open_reader(self.spec)
-            with self._lock:
-                self._readers.append(reader)
-        return reader
+        return self._readers.get()
 
     def close(self) -> None:
         """Close every thread's slide handle (a later read opens a new one)."""
-        with self._lock:
-            readers, self._readers = self._readers, []
-        self._local = threading.local()
-        for reader in readers:
-            reader.close()
+        self._readers.close()
 
     def __enter__(self) -> SlideImage:
         return self
