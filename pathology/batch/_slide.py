@@ -110,7 +110,7 @@ class ScoreSettings:
     batch_size : int, optional
         Tiles per forward pass; default 64 on the CPU, 1024 on CUDA
         (:func:`~pathology.scoring._device.default_batch_size`). On CUDA, consecutive shards are
-        scored together in batches of about this many tiles.
+        scored together in batches of up to this many tiles.
     model : str
         Model name or folder.
     stains : {"estimate", "reference"}
@@ -128,6 +128,7 @@ class ScoreSettings:
         is installed; otherwise, and with ``cpu``, tiles are rendered by the reading threads.
         nvJPEG's pixels are within rounding of libjpeg-turbo's (counts within a fraction of a
         percent, not bit for bit); ``slide.json`` records which decoder ran (``tile_decoder``).
+        Like ``store``, not one of the settings that decide whether a slide is redone.
     """
 
     target_mpp: float = 0.5

@@ -170,9 +170,10 @@ def run_model(
     1024 on CUDA).
 
     Host tiles are pinned and copied with ``non_blocking`` on CUDA (tiles already on the device
-    are used in place); a CUDA out-of-memory error halves the batch and retries. On the CPU, ``workers`` > 1 scores that many batches at once,
-    each in its own thread with one torch thread (:func:`~pathology.scoring._device.torch_threads`);
-    the results are the same and in the same order. On CUDA batches run one after another.
+    are used in place); a CUDA out-of-memory error halves the batch and retries. On the CPU,
+    ``workers`` > 1 scores that many batches at once, each in its own thread with one torch
+    thread (:func:`~pathology.scoring._device.torch_threads`); the results are the same and in
+    the same order. On CUDA batches run one after another.
     """
     import torch
 
