@@ -117,8 +117,9 @@ def _type_codes(column: pd.Series) -> NDArray[np.int64]:
     if pd.api.types.is_integer_dtype(column):
         codes = column.to_numpy(dtype=np.int64)
     else:
-        codes = pd.Categorical(column.astype(str), categories=list(CELL_TYPES)).codes
-        codes = codes.astype(np.int64)
+        # Unknown names map to -1 (pandas 3 deprecates building a Categorical from values
+        # outside its categories, so the lookup is an Index, not a Categorical).
+        codes = pd.Index(list(CELL_TYPES)).get_indexer(column.astype(str)).astype(np.int64)
     bad = (codes < 0) | (codes >= len(CELL_TYPES))
     if bad.any():
         found = sorted({str(v) for v in column[bad].unique()[:5]})
