@@ -407,6 +407,21 @@ def test_out_of_memory_halves_the_batch() -> None:
         run_halving(other, 0, 4, 4)
 
 
+def test_gil_switch_interval_is_set_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from pathology.scoring._device import default_batch_size, gil_switch_interval
+
+    before = sys.getswitchinterval()
+    with gil_switch_interval():
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    monkeypatch.setenv("PATHOLOGY_GPU_SWITCH_INTERVAL", "0")  # the A/B switch: leave it alone
+    with gil_switch_interval():
+        assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == before
+    assert (default_batch_size("cpu"), default_batch_size(torch.device("cuda", 0))) == (64, 1024)
+
+
 @pytest.mark.gpu
 def test_cpu_and_cuda_agree() -> None:
     if not torch.cuda.is_available():
