@@ -164,7 +164,7 @@ def test_unreadable_tile_is_white_and_flagged(slide: Path, monkeypatch: pytest.M
 
 
 def test_device_image_falls_back_to_the_slide_image_on_a_damaged_tile(
-    slide: Path, monkeypatch: pytest.MonkeyPatch
+    slide: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A JPEG tile the device path cannot read: that shard is rendered by :class:`SlideImage`
     instead (which, should it fail too, paints the tile white and flags it: tested above). Here
@@ -192,8 +192,10 @@ def test_device_image_falls_back_to_the_slide_image_on_a_damaged_tile(
     with DeviceJpegImage(image, torch.device("cpu")) as dev:
         clean = dev.read_shard(shard.tiles_rc, 128, 32).clone()
         monkeypatch.setattr(DirectTiffSource, "read_jpeg", damaged)
-        got = dev.read_shard(shard.tiles_rc, 128, 32)
+        with caplog.at_level("WARNING", logger="pathology.tiling._device_image"):
+            got = dev.read_shard(shard.tiles_rc, 128, 32)
         assert dev.fallbacks == 1
+        assert "rendered on the CPU instead (" in caplog.text and "damaged JPEG" in caplog.text
         monkeypatch.undo()
         np.testing.assert_array_equal(got.numpy(), read_shard_tiles(image, shard.tiles_rc, 128, 32))
         assert torch.equal(got, clean) and got.shape[0] == len(shard.tiles_rc)
@@ -280,6 +282,7 @@ def test_no_store_rendered_by_the_device_path_gives_the_same_results(
     pd.testing.assert_frame_equal(cells_a, cells_b)
     record = json.loads((out / "s" / "slide.json").read_text())
     assert record["tile_decoder"] == "cpu" and record["tile_store"] is False
+    assert record["tile_decoder_cpu_shards"] == 0
     monkeypatch.undo()
     with pytest.raises(Exception, match="decode must be one of auto, cpu"):
         from pathology.batch import ScoreSettings, SlideJob, score_slide

@@ -532,6 +532,7 @@ def score_slide(
         "shards": {"scored": scores.shards_scored, "resumed": scores.shards_skipped},
         "tile_store": source.store is not None,
         "tile_decoder": source.decoder,
+        "tile_decoder_cpu_shards": int(getattr(source.image, "fallbacks", 0)),
     }
     write_text(slide_dir / "slide.json", json.dumps(record, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

@@ -28,6 +28,7 @@ Only grids that are exact block means of a JPEG level qualify (:func:`device_dec
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from pathology.tiling._image import SlideImage
 
 __all__ = ["DeviceJpegImage", "device_decode_support"]
+
+log = logging.getLogger(__name__)
 
 
 def device_decode_support(path: Any, grid: TileGrid) -> str | None:
@@ -124,13 +127,22 @@ class DeviceJpegImage:
         box = (c0 * t - o, r0 * t - o, (c1 - c0) * t + 2 * o, (r1 - r0) * t + 2 * o)
         try:
             region = self.read_box(box)
-        except (TileReadError, ValueError, RuntimeError):
+        except (TileReadError, ValueError, RuntimeError) as exc:
             # A damaged tile, or a stream the decoder refuses: the CPU path renders the shard
             # and records which tiles failed.
             from pathology.batch._shards import read_shard_tiles
 
             with self._lock:
                 self.fallbacks += 1
+                first = self.fallbacks == 1
+            if first:  # once per slide; slide.json counts them all
+                log.warning(
+                    "%s: a shard's JPEG tiles could not be decoded on %s, rendered on the CPU "
+                    "instead (%s)",
+                    self.image.spec.path,
+                    self.device,
+                    " ".join(str(exc).split())[:200],
+                )
             cpu = read_shard_tiles(self.image, rc, t, o)
             return torch.from_numpy(cpu).to(self.device)
         side = t + 2 * o
