@@ -712,11 +712,10 @@ def _import_output_writers(dev: torch.device) -> None:
     import pandas  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    if dev.type == "cuda":
-        try:
-            import torchvision.io  # noqa: F401
-        except Exception:  # not installed: --no-store decodes on the CPU (recorded per run)
-            pass
+    if dev.type == "cuda":  # without it, --no-store decodes on the CPU (recorded per run)
+        from pathology.tiling._jpeg import nvjpeg_unavailable
+
+        nvjpeg_unavailable()
 
 
 def _end_to_end(

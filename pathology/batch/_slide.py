@@ -646,18 +646,14 @@ def _device_decoder(path: Path, grid: Any, settings: ScoreSettings) -> Any:
     torchvision (the ``gpu`` extra); the reason is logged."""
     from pathology.scoring import resolve_device
     from pathology.tiling._device_image import device_decode_support
+    from pathology.tiling._jpeg import nvjpeg_unavailable
 
     if settings.decode not in DECODERS:
         raise ConfigError(f"decode must be one of {', '.join(DECODERS)}, got {settings.decode!r}")
     dev = resolve_device(settings.device)
     if settings.decode == "cpu" or dev.type != "cuda":
         return None
-    why = device_decode_support(path, grid)
-    if why is None:
-        try:
-            import torchvision.io  # noqa: F401
-        except Exception as exc:  # missing, or built for another torch
-            why = f"no usable torchvision ({type(exc).__name__}); pip install -e '.[gpu]'"
+    why = device_decode_support(path, grid) or nvjpeg_unavailable()
     if why is not None:
         log.info("%s: tiles decoded on the CPU: %s", path.name, why)
         return None

@@ -42,18 +42,17 @@ if TYPE_CHECKING:
 
     from pathology.tiling._direct import DirectTiffSource
 
-__all__ = ["decode_jpeg_batch", "read_jpeg_tiles"]
+__all__ = ["decode_jpeg_batch", "nvjpeg_unavailable", "read_jpeg_tiles"]
 
 
-def _frame(stream: bytes) -> tuple[tuple[int, int], bool, bool]:
-    """((w, h), RGB by an Adobe APP14 transform 0?, chroma subsampled?) from a JPEG's header."""
+def _frame(stream: bytes) -> tuple[tuple[int, int], bool]:
+    """((w, h), RGB by an Adobe APP14 transform 0?) from a JPEG's header."""
     segments, _ = _jpeg_header_segments(stream)
     rgb = any(s[1] == 0xEE and s[4:9] == b"Adobe" and len(s) >= 16 and s[15] == 0 for s in segments)
     for s in segments:
         if s[1] in (0xC0, 0xC1, 0xC2) and len(s) >= 10:
             h, w = int.from_bytes(s[5:7], "big"), int.from_bytes(s[7:9], "big")
-            factors = {s[11 + 3 * c] for c in range(s[9]) if 11 + 3 * c < len(s)}
-            return (w, h), rgb, len(factors) > 1
+            return (w, h), rgb
     raise ValueError("JPEG stream has no frame header (SOF0/1/2)")
 
 
@@ -128,17 +127,28 @@ def _decode_cpu(streams: Sequence[bytes], w: int, h: int, workers: int) -> torch
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
+def nvjpeg_unavailable() -> str | None:
+    """None when torchvision's nvJPEG decoder can be imported; else why not, one line (with the
+    install hint). The first successful import costs seconds (~5 s on the H100 box)."""
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception as exc:  # ImportError, or a CPU torch's "operator torchvision::nms" error
+        return (
+            f"GPU JPEG decoding needs torchvision with nvJPEG (pip install -e '.[gpu]' on a CUDA "
+            f"machine); import failed: {' '.join(str(exc).split())}"
+        )
+    return None
+
+
 def _decode_cuda(streams: Sequence[bytes], dev: torch.device) -> torch.Tensor:
     """nvJPEG batch decode of YCbCr streams through torchvision (>= 0.19 takes a list)."""
     import torch
 
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except Exception as exc:  # ImportError, or a CPU torch's "operator torchvision::nms" error
-        raise ImportError(
-            f"GPU JPEG decoding needs torchvision with nvJPEG (pip install -e '.[gpu]' on a CUDA "
-            f"machine); import failed: {' '.join(str(exc).split())}"
-        ) from exc
+    why = nvjpeg_unavailable()
+    if why is not None:
+        raise ImportError(why)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
     tiles: Any = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)  # YCbCr -> RGB by nvJPEG
     return torch.stack(list(tiles))
