@@ -40,6 +40,14 @@ the ``tile_px x tile_px`` output tile, without the scoring halo):
   CUDA the shards are decoded (nvJPEG) and rendered on the GPU where the slide allows it
   (``end_to_end_no_store_decoder``: ``nvjpeg`` or ``cpu``); nvJPEG's pixels are within rounding of
   the CPU decoder's, so the counts then agree within a fraction of a percent, not exactly.
+- ``cohort`` (only with ``cohort_slides`` > 0, e.g. ``pathology bench --cohort 8``): that many
+  links to the slide, scored as ``pathology score SLIDES... --workers N`` scores a folder (tile
+  store on, GeoJSON off): with several slides and ``workers > 1`` a local Dask cluster of
+  ``workers`` processes, one slide each at a time (on CUDA two per GPU), so one slide's per-slide
+  work overlaps another's tiling and scoring. Rate = all slides' tissue tiles / wall seconds,
+  cluster start and each worker's first imports included (they weigh less as the cohort grows);
+  ``cohort_slides_per_hour`` is the answer to "how long will my cohort of such slides take".
+  ``cohort_same_counts``: every slide's summed counts equal the ``end_to_end`` run's.
 - ``peer``: the classical CPU pipeline (:func:`pathology.peer.classical_score_tile`: skimage
   ``rgb2hed`` + Otsu + watershed + ``regionprops``) on up to ``peer_tiles`` evenly spaced tiles of
   the same set, in ``workers`` processes (started and warmed before the clock starts).
@@ -103,7 +111,7 @@ OPTIONAL_STAGES = (
 #: Stages that run :func:`pathology.batch.score_slide` (the product path), with its store or not.
 END_TO_END = {"end_to_end": True, "end_to_end_no_store": False}
 #: Stages compared with the classical peer.
-PEER_COMPARED = ("model", "scoring", "end_to_end", "end_to_end_no_store")
+PEER_COMPARED = ("model", "scoring", "end_to_end", "end_to_end_no_store", "cohort")
 #: The ``model`` stage repeats its pass over the in-memory tiles until it has run this long
 #: (one pass of a few thousand tiles is over in ~0.1 s on a GPU: too short to time).
 MODEL_MIN_S = 2.0
@@ -386,6 +394,7 @@ def run_bench(
     peer_tiles: int = 64,
     stages: Collection[str] = OPTIONAL_STAGES,
     work_dir: str | os.PathLike[str] | None = None,
+    cohort_slides: int = 0,
     say: Callable[[str], None] = lambda msg: None,
 ) -> BenchResult:
     """Measure every stage's rate on ``slide`` (or a synthetic slide of ``size_px``), in one run.
@@ -414,6 +423,8 @@ def run_bench(
         Which of :data:`OPTIONAL_STAGES` to run (tiling and decode always run).
     work_dir : path, optional
         Where the synthetic slide and the temporary outputs go (default: a temporary folder).
+    cohort_slides : int
+        Score this many links to the slide as one batch (the ``cohort`` stage); 0 skips it.
     say : callable(str)
         Receives a short message as each stage starts.
 
@@ -433,6 +444,8 @@ def run_bench(
         raise ConfigError(
             f"unknown bench stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(OPTIONAL_STAGES)}"
         )
+    if cohort_slides < 0:
+        raise ConfigError(f"cohort slides must be 0 or more, got {cohort_slides}")
     dev = resolve_device(device)
     batch_size = int(batch_size or default_batch_size(dev))
     tmp = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="pathology-bench-"))
@@ -442,7 +455,8 @@ def run_bench(
     parts_dir = tmp / "bench-parts"
     e2e_dir = tmp / "bench-end-to-end"
     e2e_dirs = {"end_to_end": e2e_dir, "end_to_end_no_store": tmp / "bench-end-to-end-no-store"}
-    for old in (store, parts_dir, *e2e_dirs.values()):
+    cohort_dir = tmp / "bench-cohort"
+    for old in (store, parts_dir, *e2e_dirs.values(), cohort_dir):
         if old.exists():
             shutil.rmtree(old)
 
@@ -541,7 +555,7 @@ def run_bench(
             peer_tiles=peer_tiles,
             say=say,
         )
-    if n and any(name in stages for name in END_TO_END):
+    if n and (cohort_slides or any(name in stages for name in END_TO_END)):
         _import_output_writers(dev)
     totals = {
         name: _end_to_end(
@@ -557,11 +571,24 @@ def run_bench(
         bench.notes["end_to_end_no_store_counts_max_rel_diff"] = round(
             max((abs(a[k] - b.get(k, 0)) / max(1, a[k]) for k in a), default=0.0), 4
         )
+    if n and cohort_slides:
+        _cohort(
+            bench,
+            slide_path,
+            cohort_dir,
+            marker,
+            str(dev),
+            batch_size,
+            target_mpp,
+            cohort_slides,
+            say,
+            totals.get("end_to_end"),
+        )
     bench.peak_rss_mb, bench.peak_worker_rss_mb = _peak_rss_mb()
     if dev.type == "cuda":
         bench.notes["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
         bench.notes["gpu_name"] = torch.cuda.get_device_name(dev)
-    for done in (store, parts_dir, *e2e_dirs.values()):
+    for done in (store, parts_dir, *e2e_dirs.values(), cohort_dir):
         shutil.rmtree(done, ignore_errors=True)
     return bench
 
@@ -768,6 +795,99 @@ def _end_to_end(
         bench.notes[f"{name}_per_slide_s"] = round(max(0.0, seconds - per_tile_s), 3)
         bench.notes[f"{name}_tile_rate"] = round(tiles / per_tile_s, 1)
     return dict(record["totals"])
+
+
+def _link_slide(src: Path, dst: Path) -> None:
+    """``dst`` opens as the slide ``src``: a symbolic link (a copy where links are refused), and
+    the same for a data folder named like the slide beside it (MIRAX keeps its tiles there)."""
+    for a, b in ((src, dst), (src.with_suffix(""), dst.with_suffix(""))):
+        if b is not dst and not a.is_dir():
+            continue
+        try:
+            b.symlink_to(a.resolve(), target_is_directory=a.is_dir())
+        except OSError:
+            (shutil.copytree if a.is_dir() else shutil.copyfile)(a, b)
+
+
+def _cohort(
+    bench: BenchResult,
+    slide_path: Path,
+    out: Path,
+    marker: str,
+    device: str,
+    batch_size: int,
+    target_mpp: float,
+    n_slides: int,
+    say: Callable[[str], None],
+    reference: dict[str, int] | None = None,
+) -> None:
+    """The ``cohort`` stage: ``n_slides`` links to the slide scored as one batch, dispatched as
+    ``pathology score`` dispatches (:func:`pathology.batch.auto_cluster`); ``reference``: the
+    ``end_to_end`` run's summed counts, which every slide must repeat."""
+    from pathology.batch import (
+        ScoreSettings,
+        SlideJob,
+        auto_cluster,
+        score_slides,
+        score_slides_distributed,
+    )
+    from pathology.scoring import resolve_device
+
+    links = out / "slides"
+    links.mkdir(parents=True)
+    jobs = []
+    for i in range(n_slides):
+        path = links / f"cohort-{i:03d}{slide_path.suffix}"
+        _link_slide(slide_path, path)
+        jobs.append(SlideJob(slide_id=path.stem, path=path, marker=marker))
+    settings = ScoreSettings(
+        target_mpp=target_mpp,
+        tile_px=bench.tile_px,
+        device=device,
+        workers=bench.workers,
+        batch_size=batch_size,
+        geojson=False,
+    )
+    cluster = auto_cluster(bench.workers, n_slides)
+    processes: list[int] = []
+    say(
+        f"cohort ({n_slides} slides, {'local Dask cluster' if cluster == 'local' else 'in process'})"
+    )
+    with GpuSampler(resolve_device(device)) as gpu:
+        t0 = time.perf_counter()
+        if cluster == "none":
+            result = score_slides(jobs, out / "results", settings)
+        else:
+            result = score_slides_distributed(
+                jobs,
+                out / "results",
+                settings,
+                cluster=cluster,
+                n_workers=bench.workers,
+                config={"dashboard_address": ":0"},  # any free port
+                on_start=lambda info: processes.append(info.workers),
+            )
+        seconds = time.perf_counter() - t0
+    _gpu_note(bench, "cohort", gpu)
+    if not result.ok:
+        first = result.failures[0].error
+        raise RuntimeError(
+            f"bench cohort: {len(result.failures)} of {n_slides} slides failed: {first}"
+        )
+    tiles = sum(int(o.row["tissue_tiles"]) for o in result.done)
+    bench.seconds["cohort"] = seconds
+    bench.rates["cohort"] = tiles / seconds
+    bench.notes["cohort_slides"] = n_slides
+    bench.notes["cohort_cluster"] = (
+        f"local Dask cluster, {processes[0]} processes" if processes else "in process"
+    )
+    bench.notes["cohort_slides_per_hour"] = round(3600 * n_slides / seconds, 1)
+    if reference is not None:
+        same = []
+        for o in result.done:
+            record = json.loads((o.slide_dir / "slide.json").read_text())
+            same.append(dict(record["totals"]) == reference)
+        bench.notes["cohort_same_counts"] = all(same)
 
 
 def write_json(result: BenchResult, path: str | os.PathLike[str]) -> None:

@@ -193,6 +193,47 @@ def test_bench_stages_pick_what_runs(tmp_path: Path) -> None:
     assert "scoring_vs_peer" not in data and "jpeg_batch_decoder" not in data
 
 
+@pytest.mark.parametrize(("workers", "cluster"), [(2, "local Dask cluster"), (1, "in process")])
+def test_bench_cohort_scores_links_to_the_slide_as_one_batch(
+    tmp_path: Path, workers: int, cluster: str
+) -> None:
+    """``--cohort N``: N links to the slide scored as ``pathology score`` scores a folder (a
+    local Dask cluster with --workers 2, in this process with 1), every slide with the counts of
+    the end-to-end run, and the rate over all their tiles."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--size", "2048", "--work-dir", str(tmp_path), "--device", "cpu"]
+    args += ["--workers", str(workers), "--stages", "end_to_end", "--cohort", "3"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main([*args, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["cohort_slides"] == 3 and data["cohort_same_counts"] is True
+    assert data["cohort_cluster"].startswith(cluster)
+    rate, seconds = data["cohort_tiles_per_s"], data["seconds"]["cohort"]
+    assert rate == pytest.approx(3 * data["end_to_end_tiles"] / seconds, rel=1e-2)
+    assert data["cohort_slides_per_hour"] == pytest.approx(3 * 3600 / seconds, rel=1e-2)
+    assert "cohort_vs_decode" in data and "cohort_vs_peer" not in data  # no peer stage run
+    assert f"cohort: 3 slides, {cluster}" in stdout.getvalue()
+    assert not (tmp_path / "bench-cohort").exists()  # the links and results are removed
+
+
+def test_bench_cohort_links_a_slide_and_its_data_folder(tmp_path: Path) -> None:
+    from pathology.bench import _link_slide
+    from pathology.errors import ConfigError
+
+    (tmp_path / "a.mrxs").write_text("index")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "Data0000.dat").write_text("tiles")
+    (tmp_path / "c").mkdir()
+    _link_slide(tmp_path / "a.mrxs", tmp_path / "c" / "cohort-000.mrxs")
+    assert (tmp_path / "c" / "cohort-000.mrxs").read_text() == "index"
+    assert (tmp_path / "c" / "cohort-000" / "Data0000.dat").read_text() == "tiles"
+    with pytest.raises(ConfigError, match="cohort slides must be 0 or more"):
+        from pathology.bench import run_bench
+
+        run_bench(tmp_path / "a.mrxs", cohort_slides=-1)
+
+
 def test_bench_jpeg_batch_decode_skips_non_jpeg_slides(tmp_path: Path) -> None:
     from conftest import write_generic_tiff
     from test_direct import _image

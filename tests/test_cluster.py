@@ -32,12 +32,12 @@ from pathology.errors import ConfigError
 
 
 def _local_workers(asked: int) -> tuple[int, bool]:
-    """(workers, gpu) of a local cluster under the default device (auto): one worker per GPU
+    """(workers, gpu) of a local cluster under the default device (auto): two workers per GPU
     where CUDA is visible, else as asked."""
     import torch
 
     if torch.cuda.is_available():
-        return min(asked, torch.cuda.device_count()), True
+        return min(asked, 2 * torch.cuda.device_count()), True
     return asked, False
 
 
@@ -247,8 +247,8 @@ SLURM = {
 def test_slurm_kwargs_map_the_config() -> None:
     kw = slurm_kwargs(SLURM)
     assert kw == {
-        "cores": 2,  # one thread per worker process ...
-        "processes": 2,  # ... one process per GPU ...
+        "cores": 4,  # one thread per worker process ...
+        "processes": 4,  # ... two processes per GPU (one slide each) ...
         "job_cpu": 16,  # ... and the job still books all its cores
         "memory": "128GiB",
         "queue": "gpu",
@@ -277,7 +277,7 @@ def test_slurm_kwargs_map_the_config() -> None:
     [
         ({"cores": 8}, "'slurm.memory' is required"),
         ({"cores": 8, "memory": "8GB", "partition": "gpu"}, "unknown key(s) partition"),
-        ({"cores": 8, "memory": "8GB", "gpus": 2, "processes": 1}, "must equal gpus"),
+        ({"cores": 8, "memory": "8GB", "gpus": 2, "processes": 3}, "must be a multiple of gpus"),
         ({"cores": "8", "memory": "8GB"}, "'slurm.cores': expected an integer"),
         ({"cores": 8, "memory": "8GB", "job_script_prologue": "module load x"}, "list of strings"),
         ({"cores": 8, "memory": "8GB", "worker_extra_args": ["--resources", "GPU=2"]}, "set gpus"),
@@ -327,6 +327,67 @@ def test_slurm_without_dask_jobqueue_says_how_to_install(
         ("local", True, "appears twice"),
     ],
 )
+def record_workers_and_score(
+    job: SlideJob, out: Path, settings: ScoreSettings, overwrite: bool
+) -> SlideOutcome:
+    """Test task: notes the reading threads (``settings.workers``) the slide was given."""
+    (out / ".workers").mkdir(exist_ok=True)
+    (out / ".workers" / job.slide_id).write_text(f"{settings.workers}\n")
+    return score_slide(job, out, settings, overwrite=overwrite)
+
+
+@pytest.mark.parametrize(
+    ("asked", "gpus", "cores", "plan"),
+    [
+        (2, 0, 2, (2, 1)),  # CPU: the processes asked for, the cores shared out
+        (16, 0, 16, (16, 1)),
+        (16, 1, 16, (2, 8)),  # one GPU: two slides at a time, 8 threads each
+        (16, 2, 16, (4, 4)),
+        (1, 1, 16, (1, 16)),  # one process asked for: it gets every core
+        (3, 1, 2, (2, 1)),
+    ],
+)
+def test_local_plan_two_slides_per_gpu(
+    asked: int, gpus: int, cores: int, plan: tuple[int, int]
+) -> None:
+    from pathology.batch._cluster import SLIDES_PER_GPU, _local_plan
+
+    assert SLIDES_PER_GPU == 2
+    assert _local_plan(asked, gpus, cores) == plan
+
+
+def test_gpu_workers_read_with_their_share_of_the_cores(
+    cohort: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a (here pretended) one-GPU, 8-core box with --workers 16: two worker processes, each
+    scoring one slide at a time with 4 tile-reading threads (not one, as on the CPU), and the
+    serial run's numbers. The model still runs where ``settings.device`` says (the CPU here)."""
+    import pathology.batch._cluster as cl
+
+    monkeypatch.setattr(cl, "_local_gpus", lambda device: (1, False))
+    monkeypatch.setattr(cl, "_cores", lambda: 8)
+    jobs = cohort["jobs"][:2]
+    out = tmp_path / "gpu"
+    infos: list[ClusterInfo] = []
+    result = score_slides_distributed(
+        jobs,
+        out,
+        ScoreSettings(device="cpu", workers=16),
+        cluster="local",
+        n_workers=16,
+        config=LOCAL,
+        on_start=infos.append,
+        task_fn=record_workers_and_score,
+    )
+    assert result.ok, result.failures
+    assert (infos[0].workers, infos[0].gpu) == (2, True)
+    assert {p.name: p.read_text() for p in (out / ".workers").iterdir()} == {
+        j.slide_id: "4\n" for j in jobs
+    }
+    serial = _rows(cohort["serial"])
+    assert _rows(out) == {j.slide_id: serial[j.slide_id] for j in jobs}
+
+
 def test_bad_cluster_or_duplicate_ids(
     cohort: dict[str, Any], tmp_path: Path, cluster: str, jobs_dup: bool, message: str
 ) -> None:

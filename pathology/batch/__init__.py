@@ -9,7 +9,12 @@
 from __future__ import annotations
 
 from pathology.batch._api import BatchProgress, BatchResult, SlideFailure, score_slides
-from pathology.batch._cluster import ClusterInfo, load_cluster_config, score_slides_distributed
+from pathology.batch._cluster import (
+    ClusterInfo,
+    auto_cluster,
+    load_cluster_config,
+    score_slides_distributed,
+)
 from pathology.batch._manifest import SlideJob, jobs_from_paths, read_manifest
 from pathology.batch._slide import (
     REQUIRED_SLIDE_COLUMNS,
@@ -29,6 +34,7 @@ __all__ = [
     "SlideFailure",
     "SlideJob",
     "SlideOutcome",
+    "auto_cluster",
     "jobs_from_paths",
     "load_cluster_config",
     "read_manifest",

@@ -95,6 +95,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--work-dir", default=None, help="folder for the synthetic slide and the store (reused)"
     )
+    p.add_argument(
+        "--cohort",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score N links to the slide as one batch, as `pathology score` runs a folder "
+        "(a local Dask cluster when --workers > 1): cohort tiles/s and slides/hour (default 0: "
+        "skip; try 2-4x --workers)",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     p.set_defaults(func=run)
 
@@ -128,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             stages=args.stages,
             work_dir=args.work_dir,
+            cohort_slides=args.cohort,
             say=say,
         )
     data = result.to_json()
@@ -194,6 +204,13 @@ def run(args: argparse.Namespace) -> int:
     ]
     if costs:
         out.print(f"cost per slide (once per slide + tiling and scoring): {'; '.join(costs)}")
+    if "cohort_slides_per_hour" in data:
+        same = data.get("cohort_same_counts")
+        check = "" if same is None else f"; counts equal the end_to_end run's: {same}"
+        out.print(
+            f"cohort: {data['cohort_slides']} slides, {data['cohort_cluster']}: "
+            f"{data['cohort_slides_per_hour']:,.0f} slides/hour of this size{check}"
+        )
     keys = (
         "scheduler",
         "tiling_reader",
@@ -211,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         "end_to_end_no_store_same_counts",
         "end_to_end_no_store_decoder",
         "end_to_end_no_store_counts_max_rel_diff",
+        "cohort_slides",
+        "cohort_cluster",
+        "cohort_slides_per_hour",
+        "cohort_same_counts",
         "peak_rss_mb",
         "peak_worker_rss_mb",
         "gpu_name",

@@ -170,7 +170,13 @@ def run(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
     )
 
-    from pathology.batch import ScoreSettings, jobs_from_paths, read_manifest, score_slides
+    from pathology.batch import (
+        ScoreSettings,
+        auto_cluster,
+        jobs_from_paths,
+        read_manifest,
+        score_slides,
+    )
     from pathology.errors import ConfigError
 
     if args.manifest and args.slides:
@@ -208,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     cluster = args.cluster
     if cluster == "auto":
-        cluster = "local" if args.workers > 1 and len(jobs) > 1 else "none"
+        cluster = auto_cluster(args.workers, len(jobs))
     if args.cluster_config and cluster in ("none", "local"):
         log.warning("--cluster-config is only read with --cluster slurm or an address")
 
