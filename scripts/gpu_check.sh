@@ -3,8 +3,10 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]      (default: gpu-check-<date>)
 # Runs the `gpu` tests (CUDA against the CPU: counts, cells, nvJPEG pixels and scores), the whole
 # suite (device "auto" picks CUDA, so every scoring test runs on the GPU) and `pathology bench
-# --device cuda` on the 20000 x 15000 synthetic slide with one worker per core. Logs and the bench
-# JSON go to OUT_DIR; the exit status is 1 if any step failed.
+# --device cuda` on the 20000 x 15000 synthetic slide with one worker per core, and a cohort of 8
+# links to it (two slides per GPU). A/B of the GIL switch interval: PATHOLOGY_GPU_SWITCH_INTERVAL=0
+# bash scripts/gpu_check.sh OUT_B. Logs and the bench JSON go to OUT_DIR; the exit status is 1 if
+# any step failed.
 set -uo pipefail
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M)}
 mkdir -p "$out"
@@ -16,6 +18,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 "$py" -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.txt" || status=1
 "$py" -m pytest -q tests 2>&1 | tee "$out/suite.txt" || status=1
 "$py" -m pathology bench --size 20000x15000 --device cuda --workers "$(nproc)" \
-    --json "$out/bench.json" 2>&1 | tee "$out/bench.txt" || status=1
+    --cohort 8 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt" || status=1
 echo "logs in $out/"
 exit "$status"
