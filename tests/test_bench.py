@@ -299,3 +299,78 @@ def test_gpu_sampler_averages_the_utilisation_counter(monkeypatch: pytest.Monkey
     with bench.GpuSampler(torch.device("cpu")) as gpu:
         pass
     assert gpu.why_not == "not on CUDA" and gpu.mean_pct is None
+
+
+# -- pathology estimate: a cohort's time from the bench's rates ------------------------------------
+
+
+def test_estimate_plans_each_slide_and_applies_the_bench_rates(
+    bench_run: tuple[dict[str, Any], str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`pathology estimate`: the bench's own slide plans to the bench's tissue tiles, its seconds
+    are per_slide_s + tiles / tile_rate for both runs; a file that is not a slide is reported in
+    one line naming it, left out of the sums, and the exit status is 1."""
+    import csv
+
+    data, _, tmp = bench_run
+    junk = tmp_path / "junk.svs"
+    junk.write_text("not a slide")
+    rows_csv = tmp_path / "estimate.csv"
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps(data))
+    args = ["estimate", str(tmp / "bench-2048.svs"), str(junk), "--bench", str(bench_json)]
+    assert main([*args, "--csv", str(rows_csv)]) == 1
+    out, err = capsys.readouterr()
+    assert f"1 of 2 slides planned: {data['tiles']:,} tissue tiles" in out
+    assert err.count("error:") == 1 and f"{junk}: not a slide" in err
+    with rows_csv.open(newline="") as fh:
+        rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    good = rows["bench-2048"]
+    assert int(good["tissue_tiles"]) == data["tiles"] and good["error"] == ""
+    for mode, prefix in (("store", "end_to_end"), ("no_store", "end_to_end_no_store")):
+        expect = data[f"{prefix}_per_slide_s"] + data["tiles"] / data[f"{prefix}_tile_rate"]
+        assert float(good[f"seconds_{mode}"]) == pytest.approx(expect, abs=0.05)
+    assert rows["junk"]["tissue_tiles"] == "" and "not a slide" in rows["junk"]["error"]
+    # The CSV is a result: never overwritten.
+    assert main([*args[:2], "--bench", str(bench_json), "--csv", str(rows_csv)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_estimate_refuses_rates_of_other_settings_or_files_that_are_not_bench_results(
+    bench_run: tuple[dict[str, Any], str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pathology.errors import ConfigError
+    from pathology.estimate import BenchRates
+
+    data, _, tmp = bench_run
+    slide = str(tmp / "bench-2048.svs")
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps(data))
+    assert main(["estimate", slide, "--bench", str(bench_json), "--target-mpp", "0.25"]) == 2
+    assert "measured with 256 px tiles at 0.5 um/px, not 256 px at 0.25" in capsys.readouterr().err
+    cases = {
+        "missing.json": (None, "bench results not found"),
+        "text.json": ("{not json", "not a pathology bench JSON"),
+        "other.json": (json.dumps({"a": 1}), "no tile_px / mpp"),
+        "peer.json": (
+            json.dumps({"tile_px": 256, "mpp": 0.5, "peer_tiles_per_s": 40}),
+            "no end-to-end",
+        ),
+    }
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            BenchRates.read(tmp_path / name)
+    cohort_only = {"tile_px": 256, "mpp": 0.5, "cohort_tiles_per_s": 100.0, "cohort_slides": 4}
+    (tmp_path / "cohort.json").write_text(json.dumps(cohort_only))
+    rates = BenchRates.read(tmp_path / "cohort.json")
+    assert rates.per_slide == {} and rates.cohort_rate == 100.0
+    from pathology.estimate import estimate_cohort
+
+    est = estimate_cohort([("s", slide, None)], rates)
+    assert est.total_seconds() == {"cohort": pytest.approx(data["tiles"] / 100.0)}

@@ -18,7 +18,17 @@ from pathology import __version__
 from pathology.errors import PathologyError
 
 # Order = order in ``--help``.
-_SUBCOMMANDS = ("info", "tissue", "tile", "score", "bench", "synth", "demo", "stratify")
+_SUBCOMMANDS = (
+    "info",
+    "tissue",
+    "tile",
+    "score",
+    "bench",
+    "estimate",
+    "synth",
+    "demo",
+    "stratify",
+)
 
 log = logging.getLogger("pathology")
 

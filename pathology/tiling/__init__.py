@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from pathology.tiling._grid import TileGrid, plan_grid
 from pathology.tiling._read import render_tile
-from pathology.tiling._run import TilingResult, tile_slide
+from pathology.tiling._run import TilePlan, TilingResult, plan_tissue_tiles, tile_slide
 from pathology.tiling._store import StoreMismatchError, TileStore
 
 __all__ = [
     "StoreMismatchError",
     "TileGrid",
+    "TilePlan",
     "TileStore",
     "TilingResult",
     "plan_grid",
+    "plan_tissue_tiles",
     "render_tile",
     "tile_slide",
 ]
