@@ -47,9 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.25,
         help="skip tiles with a smaller tissue fraction (default 0.25, as pathology score)",
     )
-    p.add_argument(
-        "--workers", type=int, default=2, help="slides planned at once (default 2)"
-    )
+    p.add_argument("--workers", type=int, default=2, help="slides planned at once (default 2)")
     p.add_argument("--csv", metavar="FILE", help="also write one row per slide")
     add_slide_mpp(p)
     p.set_defaults(func=run)
