@@ -320,13 +320,6 @@ def test_slurm_without_dask_jobqueue_says_how_to_install(
     assert not list((tmp_path / "o").glob(".attempts-*"))
 
 
-@pytest.mark.parametrize(
-    ("cluster", "jobs_dup", "message"),
-    [
-        ("slurmm", False, "expected local, slurm or a scheduler address"),
-        ("local", True, "appears twice"),
-    ],
-)
 def record_workers_and_score(
     job: SlideJob, out: Path, settings: ScoreSettings, overwrite: bool
 ) -> SlideOutcome:
@@ -388,6 +381,13 @@ def test_gpu_workers_read_with_their_share_of_the_cores(
     assert _rows(out) == {j.slide_id: serial[j.slide_id] for j in jobs}
 
 
+@pytest.mark.parametrize(
+    ("cluster", "jobs_dup", "message"),
+    [
+        ("slurmm", False, "expected local, slurm or a scheduler address"),
+        ("local", True, "appears twice"),
+    ],
+)
 def test_bad_cluster_or_duplicate_ids(
     cohort: dict[str, Any], tmp_path: Path, cluster: str, jobs_dup: bool, message: str
 ) -> None:
