@@ -4,8 +4,9 @@
 # Runs the `gpu` tests (CUDA against the CPU: counts, cells, nvJPEG pixels and scores), the whole
 # suite (device "auto" picks CUDA, so every scoring test runs on the GPU) and `pathology bench
 # --device cuda` on the 20000 x 15000 synthetic slide with one worker per core, and a cohort of 8
-# links to it (two slides per GPU). A/B of the GIL switch interval: PATHOLOGY_GPU_SWITCH_INTERVAL=0
-# bash scripts/gpu_check.sh OUT_B. Logs and the bench JSON go to OUT_DIR; the exit status is 1 if
+# links to it (two slides per GPU). A/B: PATHOLOGY_SLIDES_PER_GPU=1 (one slide per GPU, as before
+# 2026-11-24) or PATHOLOGY_GPU_SWITCH_INTERVAL=0 (no GIL switch-interval change) bash
+# scripts/gpu_check.sh OUT_B. Logs and the bench JSON go to OUT_DIR; the exit status is 1 if
 # any step failed.
 set -uo pipefail
 out=${1:-gpu-check-$(date +%Y%m%d-%H%M)}

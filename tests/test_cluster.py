@@ -349,6 +349,17 @@ def test_local_plan_two_slides_per_gpu(
     assert _local_plan(asked, gpus, cores) == plan
 
 
+def test_slides_per_gpu_can_be_set_for_an_a_b(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathology.batch._cluster import _local_plan
+
+    monkeypatch.setenv("PATHOLOGY_SLIDES_PER_GPU", "1")
+    assert _local_plan(16, 1, 16) == (1, 16)
+    assert slurm_kwargs({"slurm": {"cores": 8, "memory": "8GB", "gpus": 2}})["processes"] == 2
+    monkeypatch.setenv("PATHOLOGY_SLIDES_PER_GPU", "two")
+    with pytest.raises(ConfigError, match="PATHOLOGY_SLIDES_PER_GPU='two': expected a whole"):
+        _local_plan(16, 1, 16)
+
+
 def test_gpu_workers_read_with_their_share_of_the_cores(
     cohort: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

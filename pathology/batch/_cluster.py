@@ -99,6 +99,23 @@ JOBQUEUE_MISSING = "--cluster slurm needs dask-jobqueue: pip install 'pathology[
 #: time leaves idle. Two processes at batch 1024 peak at ~14 GB of GPU memory; a smaller GPU
 #: halves the batch on out-of-memory errors.
 SLIDES_PER_GPU = 2
+#: Environment variable overriding :data:`SLIDES_PER_GPU` (e.g. 1 for an A/B on a GPU box).
+SLIDES_PER_GPU_ENV = "PATHOLOGY_SLIDES_PER_GPU"
+
+
+def slides_per_gpu() -> int:
+    """:data:`SLIDES_PER_GPU`, or ``$PATHOLOGY_SLIDES_PER_GPU`` when set (a whole number >= 1)."""
+    raw = os.environ.get(SLIDES_PER_GPU_ENV, "").strip()
+    if not raw:
+        return SLIDES_PER_GPU
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{SLIDES_PER_GPU_ENV}={raw!r}: expected a whole number of at least 1")
+    return value
+
 
 #: A task runs ``task_fn(job, out, settings, overwrite)`` on a worker; the default scores the slide.
 TaskFn = Callable[[SlideJob, Path, ScoreSettings, bool], SlideOutcome]
@@ -273,7 +290,7 @@ def slurm_kwargs(config: Mapping[str, Any] | None) -> dict[str, Any]:
             )
     cores = _int(s, "cores", None, 1)
     gpus = _int(s, "gpus", 0, 0) or 0
-    processes = _int(s, "processes", gpus * SLIDES_PER_GPU or 1, 1)
+    processes = _int(s, "processes", gpus * slides_per_gpu() or 1, 1)
     assert cores is not None and processes is not None
     if gpus and processes % gpus:
         raise ConfigError(
@@ -475,9 +492,9 @@ def auto_cluster(workers: int, n_slides: int) -> str:
 
 def _local_plan(n_workers: int, gpus: int, cores: int) -> tuple[int, int]:
     """(worker processes, threads per process) of a LocalCluster: ``n_workers`` processes on the
-    CPU; on ``gpus`` GPUs at most :data:`SLIDES_PER_GPU` per GPU. The cores are shared out
+    CPU; on ``gpus`` GPUs at most :func:`slides_per_gpu` per GPU. The cores are shared out
     evenly (torch threads, and on a GPU the slide's tile-reading threads)."""
-    workers = min(n_workers, gpus * SLIDES_PER_GPU) if gpus else n_workers
+    workers = min(n_workers, gpus * slides_per_gpu()) if gpus else n_workers
     return workers, max(1, cores // workers)
 
 
@@ -542,7 +559,7 @@ def _start(
                 n_workers,
                 gpus,
                 workers,
-                SLIDES_PER_GPU,
+                slides_per_gpu(),
                 threads,
             )
         local = stack.enter_context(
