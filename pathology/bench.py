@@ -800,9 +800,10 @@ def _end_to_end(
 def _link_slide(src: Path, dst: Path) -> None:
     """``dst`` opens as the slide ``src``: a symbolic link (a copy where links are refused), and
     the same for a data folder named like the slide beside it (MIRAX keeps its tiles there)."""
-    for a, b in ((src, dst), (src.with_suffix(""), dst.with_suffix(""))):
-        if b is not dst and not a.is_dir():
-            continue
+    pairs = [(src, dst)]
+    if src.with_suffix("").is_dir():
+        pairs.append((src.with_suffix(""), dst.with_suffix("")))
+    for a, b in pairs:
         try:
             b.symlink_to(a.resolve(), target_is_directory=a.is_dir())
         except OSError:
@@ -870,9 +871,13 @@ def _cohort(
         seconds = time.perf_counter() - t0
     _gpu_note(bench, "cohort", gpu)
     if not result.ok:
+        from pathology.errors import PathologyError
+
+        # The end-to-end run of the same slide passed: a failure here is the batch's (a worker
+        # killed, out of memory), reported in one line like any scoring failure.
         first = result.failures[0].error
-        raise RuntimeError(
-            f"bench cohort: {len(result.failures)} of {n_slides} slides failed: {first}"
+        raise PathologyError(
+            f"cohort stage: {len(result.failures)} of {n_slides} slides failed, first: {first}"
         )
     tiles = sum(int(o.row["tissue_tiles"]) for o in result.done)
     bench.seconds["cohort"] = seconds

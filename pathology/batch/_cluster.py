@@ -277,7 +277,7 @@ def slurm_kwargs(config: Mapping[str, Any] | None) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        No ``slurm`` section, unknown keys, missing cores/memory, bad values, ``processes`` that
+        No ``slurm`` section, unknown keys, missing cores/memory, bad values, ``processes``
         that is not a multiple of ``gpus``, or ``--resources`` in ``worker_extra_args`` (use
         ``gpus``).
     """
