@@ -2,13 +2,17 @@
 
 The bench measures, on one slide, what an end-to-end run costs once per slide and per tissue tile
 (``end_to_end_per_slide_s`` + tiles / ``end_to_end_tile_rate``, the same for ``--no-store``; and,
-with ``--cohort N``, the rate of a whole batch, ``cohort_tiles_per_s``). A cohort's own slides
-differ in size, so the estimate plans each slide's tissue tiles exactly as scoring will
-(:func:`pathology.tiling.plan_tissue_tiles`: the slide's thumbnail and tissue mask, no tile
+with ``--cohort N``, how a batch of N such slides compares with N single-slide runs). A cohort's
+own slides differ in size, so the estimate plans each slide's tissue tiles exactly as scoring
+will (:func:`pathology.tiling.plan_tissue_tiles`: the slide's thumbnail and tissue mask, no tile
 read) and applies those rates per slide:
 
     seconds(slide) = per_slide_s + tissue_tiles / tile_rate       (store, and --no-store)
-    seconds(cohort, batch rate) = all tissue tiles / cohort_tiles_per_s
+    seconds(batch) = batch_factor x sum of seconds(slide) with the store
+
+where ``batch_factor`` = (cohort seconds / N) / end_to_end seconds, both measured on the bench's
+slide in the same run (below 1 where slides overlap, above 1 where the cluster's start and each
+worker's imports cost more than they save).
 
 The rates hold for the box, device, ``--workers``, target mpp and tile size the bench ran with
 (a mismatch of mpp or tile size is refused); the marker changes the model's cost little (the
@@ -50,9 +54,10 @@ class BenchRates:
     tile_px: int
     #: mode -> (seconds paid once per slide, tissue tiles per second)
     per_slide: dict[str, tuple[float, float]]
-    #: All tissue tiles of a batch per second (``pathology bench --cohort N``), and how it ran.
-    cohort_rate: float | None = None
-    cohort_how: str = ""
+    #: Batch time per slide over one slide's end-to-end time (``pathology bench --cohort N``),
+    #: and how the batch ran.
+    batch_factor: float | None = None
+    batch_how: str = ""
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> BenchRates:
@@ -75,12 +80,20 @@ class BenchRates:
             fixed, rate = data.get(f"{prefix}_per_slide_s"), data.get(f"{prefix}_tile_rate")
             if isinstance(fixed, (int, float)) and isinstance(rate, (int, float)) and rate > 0:
                 per_slide[mode] = (float(fixed), float(rate))
-        cohort = data.get("cohort_tiles_per_s")
-        if not per_slide and not cohort:
+        if not per_slide:
             raise ConfigError(
                 f"{src}: holds no end-to-end rates; run `pathology bench` with its end_to_end "
                 "and end_to_end_no_store stages (the default) and --json"
             )
+        raw = data.get("seconds")
+        seconds: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        n_batch = data.get("cohort_slides")
+        parts = [
+            float(v) if isinstance(v, (int, float)) and v > 0 else None
+            for v in (n_batch, seconds.get("cohort"), seconds.get("end_to_end"))
+        ]
+        n, t_batch, t_one = parts
+        factor = t_batch / n / t_one if n and t_batch and t_one else None
         return cls(
             source=str(src),
             slide=str(data.get("slide", "?")),
@@ -89,12 +102,8 @@ class BenchRates:
             mpp=float(data["mpp"]),
             tile_px=int(data["tile_px"]),
             per_slide=per_slide,
-            cohort_rate=float(cohort) if cohort else None,
-            cohort_how=(
-                f"{data.get('cohort_slides', '?')} slides, {data.get('cohort_cluster', '?')}"
-                if cohort
-                else ""
-            ),
+            batch_factor=factor if "store" in per_slide else None,
+            batch_how=f"{n_batch} slides, {data.get('cohort_cluster', '?')}" if factor else "",
         )
 
 
@@ -130,10 +139,11 @@ class CohortEstimate:
         return sum(s.tissue_tiles for s in self.planned)
 
     def total_seconds(self) -> dict[str, float]:
-        """Seconds for the planned slides, per mode; ``cohort`` at the bench's batch rate."""
+        """Seconds for the planned slides, per mode; ``batch``: the store's scaled by the bench's
+        batch factor."""
         out = {m: sum(s.seconds[m] for s in self.planned) for m in self.rates.per_slide}
-        if self.rates.cohort_rate:
-            out["cohort"] = self.tissue_tiles / self.rates.cohort_rate
+        if self.rates.batch_factor:
+            out["batch"] = self.rates.batch_factor * out["store"]
         return out
 
     def to_rows(self) -> list[dict[str, Any]]:

@@ -366,11 +366,27 @@ def test_estimate_refuses_rates_of_other_settings_or_files_that_are_not_bench_re
             (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=message):
             BenchRates.read(tmp_path / name)
-    cohort_only = {"tile_px": 256, "mpp": 0.5, "cohort_tiles_per_s": 100.0, "cohort_slides": 4}
-    (tmp_path / "cohort.json").write_text(json.dumps(cohort_only))
-    rates = BenchRates.read(tmp_path / "cohort.json")
-    assert rates.per_slide == {} and rates.cohort_rate == 100.0
+    # A batch of 4 slides took 10 s where one slide took 2 s: factor 10 / 4 / 2 = 1.25 on the
+    # store's estimate.
+    batch = {
+        **{
+            k: data[k] for k in ("tile_px", "mpp", "end_to_end_per_slide_s", "end_to_end_tile_rate")
+        },
+        "cohort_slides": 4,
+        "cohort_cluster": "local Dask cluster, 2 processes",
+        "seconds": {"cohort": 10.0, "end_to_end": 2.0},
+    }
+    (tmp_path / "batch.json").write_text(json.dumps(batch))
+    rates = BenchRates.read(tmp_path / "batch.json")
+    assert set(rates.per_slide) == {"store"} and rates.batch_factor == pytest.approx(1.25)
     from pathology.estimate import estimate_cohort
 
     est = estimate_cohort([("s", slide, None)], rates)
-    assert est.total_seconds() == {"cohort": pytest.approx(data["tiles"] / 100.0)}
+    totals = est.total_seconds()
+    assert totals["batch"] == pytest.approx(1.25 * totals["store"])
+    expect = data["end_to_end_per_slide_s"] + data["tiles"] / data["end_to_end_tile_rate"]
+    assert totals["store"] == pytest.approx(expect)
+    # Without the single-slide time there is no factor, and no batch estimate.
+    del batch["seconds"]["end_to_end"]
+    (tmp_path / "batch.json").write_text(json.dumps(batch))
+    assert BenchRates.read(tmp_path / "batch.json").batch_factor is None

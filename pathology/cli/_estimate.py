@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "tissue mask only, no tile read) and estimate the run time from the rates a "
             "`pathology bench --json` run measured on this box: per slide, seconds paid once + "
             "tissue tiles / tile rate, with the tile store and with --no-store; and, when the "
-            "bench ran with --cohort N, the cohort's tiles at that batch rate. Slides that "
-            "cannot be planned are listed and left out (exit status 1)."
+            "bench ran with --cohort N, the store's time scaled by how a batch of N slides "
+            "compared with N single-slide runs there. Slides that cannot be planned are listed "
+            "and left out (exit status 1)."
         ),
     )
     p.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files or folders of slides")
@@ -116,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("run", "cost model") else "right")
     totals = est.total_seconds()
     for mode, seconds in totals.items():
-        if mode == "cohort":
-            label = f"batch as measured (bench --cohort: {rates.cohort_how})"
-            model = f"tiles / {rates.cohort_rate:,.0f}"
+        if mode == "batch":
+            label = f"pathology score, batch as benched ({rates.batch_how})"
+            model = f"x{rates.batch_factor:.2f} the store's time"
         else:
             label = MODES[mode][1]
             fixed, rate = rates.per_slide[mode]
