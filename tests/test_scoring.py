@@ -175,6 +175,33 @@ def test_stain_estimation_recovers_shifted_vectors() -> None:
     assert estimate_stains(stained).background == (255.0, 255.0, 255.0)
 
 
+def test_dab_vector_is_estimated_only_where_there_is_dab_to_aim_at() -> None:
+    """A PD-L1 CPS < 1 slide (clear DAB in ~3 % of stained pixels) keeps the reference DAB
+    vector, with a note; its haematoxylin is still estimated. A p16-positive slide with the same
+    jittered stains has its DAB estimated, closer to the truth than the reference."""
+    from pathology.scoring._stains import H_DAB, MIN_DAB_SHARE
+
+    def angle(a: object, b: object) -> float:
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        return float(np.degrees(np.arccos(min(1.0, a @ b / np.linalg.norm(a) / np.linalg.norm(b)))))
+
+    low = render_region(SynthParams.preset("pdl1_cps_lt1", width=1536, height=1536, seed=15))
+    est = estimate_stains(low.rgb)
+    assert est.stains.vectors[1] == pytest.approx(tuple(H_DAB.matrix[1]))
+    assert est.angles_deg[1] == 0.0 and est.angles_deg[0] > 3.0  # haematoxylin: estimated
+    (note,) = [n for n in est.notes if n.startswith("clear DAB in")]
+    share = float(note.split()[3])
+    assert 0 < share < 100 * MIN_DAB_SHARE and note.endswith("reference DAB vector kept")
+    # The reference is the nearer to this slide's true DAB: 1.8 degrees, the estimate was 4.2.
+    true_dab = low.truth.stains["dab"]
+    assert angle(est.stains.vectors[1], true_dab) < 2.0
+    high = render_region(SynthParams.preset("p16_positive", width=1536, height=1536, seed=15))
+    est = estimate_stains(high.rgb)
+    assert not any(n.startswith("clear DAB in") for n in est.notes)
+    assert angle(est.stains.vectors[1], high.truth.stains["dab"]) < 1.5
+    assert est.angles_deg[1] > 0.0
+
+
 def test_pale_counterstain_is_rescaled_per_slide_and_dab_is_not() -> None:
     """A slide with half the haematoxylin (a pale counterstain) gets its haematoxylin scaled to the
     median of the classifier's training slides by the stain estimate; a synthetic slide keeps
