@@ -605,6 +605,34 @@ def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jp
         assert abs(cps - v.cps) <= 0.10 * v.cps
 
 
+def test_cytoplasmic_only_pdl1_tumour_cells_are_negative() -> None:
+    """22C3: a tumour cell with brown cytoplasm and an unstained membrane is PD-L1 negative. On
+    three CPS < 1 regions (seeds from the 2026-11-24 sweep, where CPS read 1.1-1.5 and 7 of 30
+    such cells were called positive on 4 of 16 membrane rays) the matched cytoplasmic-only cells
+    stay negative and every region reads CPS < 1, as its truth."""
+    from pathology.groundtruth import match_cells
+
+    decoys = called = 0
+    for seed in (21, 22, 25):
+        p = SynthParams.preset("pdl1_cps_lt1", width=1280, height=1280, mpp=0.5, seed=seed)
+        r = render_region(p)
+        res = score_image(r.rgb, "pdl1", mpp=0.5, device="cpu")
+        t, c = res.total(), res.cells
+        assert r.truth.values.cps < 1
+        assert 100 * (t["tumor_positive"] + t["immune_positive"]) / t["tumor_cells"] < 1, seed
+        truth = r.truth.cells
+        m = match_cells(np.stack([c["x"], c["y"]], 1), np.array([(q.x, q.y) for q in truth]), 6.0)
+        cyto_only = {
+            j
+            for j, q in enumerate(truth)
+            if q.type == "tumor" and not q.positive and q.cytoplasm_dab >= 0.28
+        }
+        hits = [bool(c["positive"][i]) for i, j in m.pairs if j in cyto_only]
+        decoys += len(hits)
+        called += sum(hits)
+    assert decoys >= 25 and called <= 2, (decoys, called)
+
+
 # -- real Ki-67 with ground truth (DeepLIIF, non-commercial: referenced from ../shared) ------------
 DEEPLIIF = "deepliif-ki67-samples"
 
