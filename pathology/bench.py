@@ -745,6 +745,23 @@ def _import_output_writers(dev: torch.device) -> None:
         nvjpeg_unavailable()
 
 
+def _product_settings(
+    bench: BenchResult, device: str, batch_size: int, target_mpp: float, *, store: bool
+) -> Any:
+    """The ``ScoreSettings`` the end-to-end and cohort stages score with (GeoJSON off)."""
+    from pathology.batch import ScoreSettings
+
+    return ScoreSettings(
+        target_mpp=target_mpp,
+        tile_px=bench.tile_px,
+        device=device,
+        workers=bench.workers,
+        batch_size=batch_size,
+        geojson=False,
+        store=store,
+    )
+
+
 def _end_to_end(
     bench: BenchResult,
     slide_path: Path,
@@ -759,18 +776,10 @@ def _end_to_end(
     """The product path, :func:`pathology.batch.score_slide`, timed from call to return; ``name``
     is a key of :data:`END_TO_END` (with the tile store, or straight from the slide). Returns the
     slide's summed counts."""
-    from pathology.batch import ScoreSettings, SlideJob, score_slide
+    from pathology.batch import SlideJob, score_slide
     from pathology.scoring import resolve_device
 
-    settings = ScoreSettings(
-        target_mpp=target_mpp,
-        tile_px=bench.tile_px,
-        device=device,
-        workers=bench.workers,
-        batch_size=batch_size,
-        geojson=False,
-        store=END_TO_END[name],
-    )
+    settings = _product_settings(bench, device, batch_size, target_mpp, store=END_TO_END[name])
     job = SlideJob(slide_id="bench", path=slide_path, marker=marker)
     say(f"end to end (pathology.batch.score_slide{'' if settings.store else ', no store'})")
     with GpuSampler(resolve_device(device)) as gpu:
@@ -826,7 +835,6 @@ def _cohort(
     ``pathology score`` dispatches (:func:`pathology.batch.auto_cluster`); ``reference``: the
     ``end_to_end`` run's summed counts, which every slide must repeat."""
     from pathology.batch import (
-        ScoreSettings,
         SlideJob,
         auto_cluster,
         score_slides,
@@ -841,14 +849,7 @@ def _cohort(
         path = links / f"cohort-{i:03d}{slide_path.suffix}"
         _link_slide(slide_path, path)
         jobs.append(SlideJob(slide_id=path.stem, path=path, marker=marker))
-    settings = ScoreSettings(
-        target_mpp=target_mpp,
-        tile_px=bench.tile_px,
-        device=device,
-        workers=bench.workers,
-        batch_size=batch_size,
-        geojson=False,
-    )
+    settings = _product_settings(bench, device, batch_size, target_mpp, store=True)
     cluster = auto_cluster(bench.workers, n_slides)
     processes: list[int] = []
     say(
