@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="parallel workers (default 2): Dask workers scoring one slide each when several "
-        "slides are given, else tiling threads and, on the CPU, shards read and scored at once "
+        "slides are given (on CUDA at most two per GPU, each reading tiles with its share of "
+        "the cores), else tiling threads and, on the CPU, shards read and scored at once "
         "(one torch thread each; on CUDA, threads reading ahead of the model) for the one slide",
     )
     p.add_argument(
