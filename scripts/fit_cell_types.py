@@ -34,6 +34,7 @@ import sys
 import numpy as np
 
 from pathology.scoring import CELL_CLASSES, fit_cell_types, training_cells
+from pathology.scoring._celltype import HIDDEN_UNITS
 from pathology.synth import SynthParams, render_region
 from pathology.synth._svs import jpeg_round_trip
 
@@ -121,7 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         help="look variety of the regions (SynthParams.variety), cycled 0, half, full over the "
         "regions, train and test (default 1.0; 0 = the reference look only, as before 2026-11-24)",
     )
+    ap.add_argument(
+        "--hidden",
+        type=int,
+        default=HIDDEN_UNITS,
+        help=f"hidden tanh units of the classifier (default {HIDDEN_UNITS}: the shipped linear "
+        "softmax regression; a hidden layer suits fits on annotated real cells, see the model card)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the hidden layer's random start")
     args = ap.parse_args(argv)
+    if args.hidden < 0:
+        ap.error(f"--hidden must be >= 0, got {args.hidden}")
     if not 0.0 <= args.variety <= 1.0:
         ap.error(f"--variety must be 0-1, got {args.variety}")
     scales = tuple(float(f) for f in args.scales.split(","))
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "held_out": f"seeds 900-{899 + args.test_seeds}, each scale",
     }
-    model = fit_cell_types(xtr, ytr, meta=meta)
+    model = fit_cell_types(xtr, ytr, hidden=args.hidden, seed=args.seed, meta=meta)
     by_scale: dict[float, np.ndarray] = {}
     for f in scales:
         xte, yte = collect(test, args.size, (f,), args.jpeg, args.variety)

@@ -4,6 +4,7 @@ real Ki-67 ground truth (DeepLIIF, from ../shared)."""
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -504,6 +505,43 @@ def test_cell_type_model_refit_and_load(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('{"classes": ["a"]}')
     with pytest.raises(ConfigError, match=r"bad\.json: not a valid cell-type model"):
         load_cell_types(tmp_path / "bad.json")
+
+
+def test_cell_type_model_with_a_hidden_layer(tmp_path) -> None:
+    """A refit with a hidden tanh layer separates classes no linear rule can (a ring around a
+    core), round-trips through JSON, and the scorer's torch path types cells as NumPy does."""
+
+    from pathology.scoring._model import CellScorer
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (2000, len(FEATURES)))
+    ring = np.hypot(x[:, 0], x[:, 1])
+    y = np.where(ring < 1.1, 0, 1)  # tumour inside, lymphocyte around: not linearly separable
+    linear = fit_cell_types(x, y)
+    hidden = fit_cell_types(x, y, hidden=8, seed=3)
+    assert linear.hidden == 0 and hidden.hidden == 8 and hidden.meta["hidden_units"] == 8
+    assert linear.meta["training_accuracy"] < 0.75
+    assert hidden.meta["training_accuracy"] > 0.95
+    again = load_cell_types(hidden.save(tmp_path / "cell_types.json"))
+    assert again.hidden == 8
+    np.testing.assert_allclose(again.predict_proba(x), hidden.predict_proba(x), atol=1e-4)
+    refit = fit_cell_types(x, y, hidden=8, seed=3)  # same rows and seed: the same model
+    np.testing.assert_array_equal(refit.hidden_weights, hidden.hidden_weights)
+    scorer = CellScorer(load_marker("ki67"), 0.5, again)
+    with torch.inference_mode():
+        cls, prob = scorer.classify(torch.tensor(x, dtype=torch.float32))
+    p = again.predict_proba(x)
+    np.testing.assert_array_equal(cls.numpy(), p.argmax(1))
+    np.testing.assert_allclose(prob.numpy(), p.max(1), atol=1e-5)
+    raw = json.loads((tmp_path / "cell_types.json").read_text())
+    raw["hidden_bias"] = raw["hidden_bias"][:-1]
+    (tmp_path / "short.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"short\.json: .*hidden_weights must be \(H, 9\)"):
+        load_cell_types(tmp_path / "short.json")
+    del raw["hidden_bias"]
+    (tmp_path / "half.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"half\.json: .*come together"):
+        load_cell_types(tmp_path / "half.json")
 
 
 def test_training_cells_measure_annotated_cells_as_scoring_does() -> None:

@@ -1,4 +1,5 @@
-"""Cell typing: a small multinomial logistic regression over nucleus morphology.
+"""Cell typing: a small classifier (softmax regression, optionally through one hidden tanh
+layer) over nucleus morphology.
 
 Features (all marker-independent, so one fit serves p16, PD-L1 and Ki-67): nucleus area, darkness
 (haematoxylin OD inside and just outside), elongation, LoG response and scale, local cell
@@ -14,7 +15,6 @@ with annotated cells can refit them (:func:`fit_cell_types`, ``scripts/fit_cell_
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CELL_CLASSES",
     "FEATURES",
+    "HIDDEN_UNITS",
     "CellTypeModel",
     "cell_features",
     "fit_cell_types",
@@ -55,6 +56,13 @@ FEATURES = (
 )
 #: Nearest detections whose nucleus size describes a cell's surroundings.
 CONTEXT_NEIGHBOURS = 4
+#: Hidden tanh units of a fitted classifier (:func:`fit_cell_types`, ``--hidden``); 0, the
+#: shipped model, is a linear softmax regression. A hidden layer types synthetic cells better
+#: (16 units, synthetic slides with look variety: 2 % of lymphocytes typed tumour instead of 9 %,
+#: 11 % of macrophages instead of 29 %) but, fitted on synthetic cells only, it discarded a third
+#: of the real BCData nuclei as ``none`` (22_2: 67-97 kept cells instead of 108; model card). It
+#: is for refits on annotated real cells, where it does not have to extrapolate.
+HIDDEN_UNITS = 0
 
 
 def cell_features(rays: Rays, response: torch.Tensor, radius_um: torch.Tensor) -> torch.Tensor:
@@ -96,17 +104,22 @@ def cell_features(rays: Rays, response: torch.Tensor, radius_um: torch.Tensor) -
 
 @dataclass(frozen=True)
 class CellTypeModel:
-    """Standardised-feature softmax regression.
+    """Standardised-feature softmax classifier, linear or through one hidden tanh layer.
+
+    Logits are ``W z + b`` with ``z`` the standardised features ``(x - mean) / scale`` (linear),
+    or with ``z = tanh(Wh ((x - mean) / scale) + bh)`` when ``hidden_weights`` is given.
 
     Attributes
     ----------
-    weights : ndarray (C, F) float32
+    weights : ndarray (C, F) float32, or (C, H) with a hidden layer
     bias : ndarray (C,) float32
     mean, scale : ndarray (F,) float32
         Feature standardisation.
     classes, features : tuple of str
     meta : mapping
         Provenance: what it was fitted on, when, accuracy.
+    hidden_weights : ndarray (H, F) float32, optional
+    hidden_bias : ndarray (H,) float32, optional
     """
 
     weights: NDArray[np.float32]
@@ -116,24 +129,47 @@ class CellTypeModel:
     classes: tuple[str, ...] = CELL_CLASSES
     features: tuple[str, ...] = FEATURES
     meta: Mapping[str, Any] = field(default_factory=dict)
+    hidden_weights: NDArray[np.float32] | None = None
+    hidden_bias: NDArray[np.float32] | None = None
 
     def __post_init__(self) -> None:
         c, f = len(self.classes), len(self.features)
-        if self.weights.shape != (c, f) or self.bias.shape != (c,):
+        if (self.hidden_weights is None) != (self.hidden_bias is None):
+            raise ConfigError("cell-type model: hidden_weights and hidden_bias come together")
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            h = len(self.hidden_bias)
+            if self.hidden_weights.shape != (h, f) or self.hidden_bias.shape != (h,) or h < 1:
+                raise ConfigError(
+                    f"cell-type model: hidden_weights must be (H, {f}) and hidden_bias (H,)"
+                )
+            if self.weights.shape != (c, h) or self.bias.shape != (c,):
+                raise ConfigError(f"cell-type model: weights must be ({c}, {h}) and bias ({c},)")
+        elif self.weights.shape != (c, f) or self.bias.shape != (c,):
             raise ConfigError(f"cell-type model: weights must be ({c}, {f}) and bias ({c},)")
         if self.mean.shape != (f,) or self.scale.shape != (f,) or (self.scale <= 0).any():
             raise ConfigError(f"cell-type model: mean/scale must be ({f},) with scale > 0")
 
+    @property
+    def hidden(self) -> int:
+        """Units of the hidden layer (0: a linear softmax regression)."""
+        return 0 if self.hidden_bias is None else len(self.hidden_bias)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "classes": list(self.classes),
             "features": list(self.features),
-            "weights": np.round(self.weights, 6).tolist(),
-            "bias": np.round(self.bias, 6).tolist(),
-            "mean": np.round(self.mean, 6).tolist(),
-            "scale": np.round(self.scale, 6).tolist(),
-            "meta": dict(self.meta),
         }
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            out["hidden_weights"] = np.round(self.hidden_weights, 6).tolist()
+            out["hidden_bias"] = np.round(self.hidden_bias, 6).tolist()
+        out.update(
+            weights=np.round(self.weights, 6).tolist(),
+            bias=np.round(self.bias, 6).tolist(),
+            mean=np.round(self.mean, 6).tolist(),
+            scale=np.round(self.scale, 6).tolist(),
+            meta=dict(self.meta),
+        )
+        return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
@@ -143,7 +179,11 @@ class CellTypeModel:
         return p
 
     def predict_proba(self, x: NDArray[np.floating]) -> NDArray[np.float32]:
-        z = ((np.asarray(x, np.float32) - self.mean) / self.scale) @ self.weights.T + self.bias
+        """(M, C) class probabilities of (M, F) feature rows."""
+        z = (np.asarray(x, np.float32) - self.mean) / self.scale
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            z = np.tanh(z @ self.hidden_weights.T + self.hidden_bias)
+        z = z @ self.weights.T + self.bias
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -154,7 +194,10 @@ def load_cell_types(path: str | os.PathLike[str]) -> CellTypeModel:
     p = Path(path)
     try:
         raw = json.loads(p.read_text())
+        hw, hb = raw.get("hidden_weights"), raw.get("hidden_bias")
         model = CellTypeModel(
+            hidden_weights=None if hw is None else np.asarray(hw, np.float32),
+            hidden_bias=None if hb is None else np.asarray(hb, np.float32),
             weights=np.asarray(raw["weights"], np.float32),
             bias=np.asarray(raw["bias"], np.float32),
             mean=np.asarray(raw["mean"], np.float32),
@@ -183,11 +226,13 @@ def fit_cell_types(
     features: NDArray[np.floating],
     labels: NDArray[np.integer],
     *,
-    l2: float = 1e-3,
+    hidden: int = HIDDEN_UNITS,
+    l2: float | None = None,
     class_weight: Sequence[float] | None = None,
     meta: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> CellTypeModel:
-    """Fit the softmax regression to annotated cells (L-BFGS on the weighted cross-entropy).
+    """Fit the classifier to annotated cells (full-batch L-BFGS on the weighted cross-entropy).
 
     Parameters
     ----------
@@ -195,11 +240,18 @@ def fit_cell_types(
         Rows of :func:`cell_features` for M annotated detections.
     labels : ndarray (M,) int
         Index into :data:`CELL_CLASSES` (``none`` for detections matching no annotated cell).
-    l2 : float
-        Ridge penalty on the weights.
+    hidden : int
+        Units of one hidden tanh layer; 0 (the default, :data:`HIDDEN_UNITS`) fits a linear
+        softmax regression, the shipped model. Try 8-16 units when fitting on annotated real
+        cells and compare on held-out annotated images.
+    l2 : float, optional
+        Ridge penalty on the weights (sum of squares); default 1e-3 linear, 1e-4 with a hidden
+        layer.
     class_weight : sequence of float, optional
         Per-class loss weights; default: square root of the inverse class frequency (full
         balancing over-calls the rare macrophage class at the expense of tumour cells).
+    seed : int
+        Seed of the hidden layer's random start: the same rows and seed give the same model.
     """
     import torch
 
@@ -207,6 +259,8 @@ def fit_cell_types(
     y = np.asarray(labels, np.int64)
     if x.ndim != 2 or x.shape[1] != len(FEATURES) or len(x) != len(y) or len(x) == 0:
         raise ValueError(f"features must be (M, {len(FEATURES)}) with one label per row")
+    if hidden < 0:
+        raise ValueError(f"hidden must be >= 0 units, got {hidden}")
     c = len(CELL_CLASSES)
     mean = x.mean(0)
     scale = x.std(0)
@@ -218,30 +272,62 @@ def fit_cell_types(
         cw = np.where(counts > 0, np.sqrt(len(y) / (c * np.maximum(counts, 1))), 0.0)
     else:
         cw = np.asarray(class_weight, np.float64)
-    w = torch.zeros((c, x.shape[1]), dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(int(seed))
+    f = x.shape[1]
+    if hidden:
+        wh = (torch.randn((hidden, f), generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+        bh = torch.zeros(hidden, dtype=torch.float64, requires_grad=True)
+        w = (torch.randn((c, hidden), generator=gen, dtype=torch.float64) * 0.1).requires_grad_()
+        params = [wh, bh]
+    else:
+        w = torch.zeros((c, f), dtype=torch.float64, requires_grad=True)
+        params = []
     b = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+    params += [w, b]
+    penalty = (1e-4 if hidden else 1e-3) if l2 is None else float(l2)
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(cw))
-    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        max_iter=1000 if hidden else 500,
+        history_size=50 if hidden else 100,
+        tolerance_grad=1e-9 if hidden else 1e-7,
+        tolerance_change=1e-12 if hidden else 1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def logits() -> torch.Tensor:
+        z = torch.tanh(xs @ wh.T + bh) if hidden else xs
+        return z @ w.T + b
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = loss_fn(xs @ w.T + b, yt) + l2 * (w**2).sum()
+        ridge = (w**2).sum() + ((wh**2).sum() if hidden else 0.0)
+        loss = loss_fn(logits(), yt) + penalty * ridge
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        pred = (xs @ w.T + b).argmax(1).numpy()
+        z = logits()
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("cell-type fit diverged (non-finite logits)")
+        pred = z.argmax(1).numpy()
     acc = float((pred == y).mean())
     info = dict(meta or {})
     info.setdefault("training_accuracy", round(acc, 4))
     info.setdefault("n_cells", {CELL_CLASSES[i]: int(counts[i]) for i in range(c)})
-    if not math.isfinite(acc):
-        raise ValueError("cell-type fit diverged")
+    if hidden:
+        info.setdefault("hidden_units", int(hidden))
+
+    def f32(t: torch.Tensor) -> NDArray[np.float32]:
+        return t.detach().numpy().astype(np.float32)
+
     return CellTypeModel(
-        weights=w.detach().numpy().astype(np.float32),
-        bias=b.detach().numpy().astype(np.float32),
+        weights=f32(w),
+        bias=f32(b),
         mean=mean.astype(np.float32),
         scale=scale.astype(np.float32),
         meta=info,
+        hidden_weights=f32(wh) if hidden else None,
+        hidden_bias=f32(bh) if hidden else None,
     )

@@ -151,6 +151,9 @@ class CellScorer(nn.Module):
         self.register_buffer("tb", torch.from_numpy(cell_types.bias))
         self.register_buffer("tmean", torch.from_numpy(cell_types.mean))
         self.register_buffer("tscale", torch.from_numpy(cell_types.scale))
+        hw, hb = cell_types.hidden_weights, cell_types.hidden_bias
+        self.register_buffer("thw", None if hw is None else torch.from_numpy(hw))
+        self.register_buffer("thb", None if hb is None else torch.from_numpy(hb))
         #: Seconds per step of the forward pass, accumulated while this is a dict (see
         #: :meth:`step_times`); None (the default) records nothing.
         self.timings: dict[str, float] | None = None
@@ -232,7 +235,10 @@ class CellScorer(nn.Module):
         tmean, tscale, tw, tb = (
             torch.as_tensor(b) for b in (self.tmean, self.tscale, self.tw, self.tb)
         )
-        z = ((feats - tmean) / tscale) @ tw.T + tb
+        z = (feats - tmean) / tscale
+        if self.thw is not None and self.thb is not None:
+            z = torch.tanh(z @ torch.as_tensor(self.thw).T + torch.as_tensor(self.thb))
+        z = z @ tw.T + tb
         p = torch.softmax(z, dim=1)
         prob, cls = p.max(dim=1)
         return cls, prob
