@@ -643,6 +643,26 @@ def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jp
         assert abs(cps - v.cps) <= 0.10 * v.cps
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="(2026-11-24) the linear cell-type regression types pale lymphocytes in lymphoid "
+    "clusters tumour: 15 of 132 here (immune 131 of 154 counted, 10 % allowed); over seeds 31-36 "
+    "of four presets 247 of 2,908 lymphocytes and 148 of 511 macrophages. A 16-unit hidden layer "
+    "fixed this (54 and 55; here 396 / 394 tumour, 150 / 154 immune) but dropped real BCData "
+    "nuclei as `none` (model card)",
+)
+def test_immune_cells_are_counted_on_a_slide_with_look_variety() -> None:
+    """Synthetic Ki-67 region with every look variety on (pale and dark nuclei side by side,
+    counterstained cytoplasm, dense DAB leaking into haematoxylin): tumour and immune cell
+    counts within 10 % of the truth, as on the reference look."""
+    p = SynthParams.preset("ki67", width=1280, height=1280, mpp=0.5, seed=33, variety=1.0)
+    r = render_region(p)
+    v = r.truth.values
+    t = score_image(r.rgb, "ki67", mpp=0.5, device="cpu").total()
+    assert abs(t["tumor_cells"] - v.tumor_cells) <= 0.10 * v.tumor_cells
+    assert abs(t["immune_cells"] - v.immune_cells) <= 0.10 * v.immune_cells
+
+
 def test_cytoplasmic_only_pdl1_tumour_cells_are_negative() -> None:
     """22C3: a tumour cell with brown cytoplasm and an unstained membrane is PD-L1 negative. On
     three CPS < 1 regions (seeds from the 2026-11-24 sweep, where CPS read 1.1-1.5 and 7 of 30
