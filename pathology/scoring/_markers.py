@@ -80,7 +80,8 @@ class MarkerConfig:
     ----------
     name, description : str
     detection : {"haematoxylin", "haematoxylin+dab"}
-        Channel nuclei are found on.
+        Channel nuclei are found and outlined on (nuclear markers: ``haematoxylin+dab``, as a
+        positive nucleus is brown).
     intensity_bins : (float, float, float)
         DAB OD edges of 1+, 2+, 3+ (H-score).
     cells : mapping of {"tumor", "immune"} -> CellRule

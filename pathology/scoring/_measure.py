@@ -259,6 +259,7 @@ def sample_rays(
     yx_um: torch.Tensor,
     radius_um: torch.Tensor,
     dab_cells: torch.Tensor | None = None,
+    nucleus_dab: bool = False,
 ) -> Rays:
     """Sample haematoxylin and DAB along rays around each detected nucleus.
 
@@ -273,6 +274,13 @@ def sample_rays(
         tile's halo, kept only as neighbours) get haematoxylin only, and only as far out as their
         nucleus measurement reads (:func:`_h_samples`), when that saves samples; their nucleus
         features are the same.
+    nucleus_dab : bool
+        Trace the nucleus outline on haematoxylin + DAB instead of haematoxylin (markers whose
+        nuclei are found on both: a Ki-67-positive nucleus is brown and, where the slide's DAB
+        hue differs from the unmixing vector, reads little or even negative haematoxylin, so its
+        haematoxylin outline shrinks to a sliver). The nucleus darkness features stay
+        haematoxylin: a positive nucleus is not denser chromatin, and the cell-type classifier
+        reads them as such.
     """
     import torch
 
@@ -310,7 +318,7 @@ def sample_rays(
         samp = sample_points(maps, meas_mpp, tile, yx_um, offsets)  # (K, 2, A*S)
         h = samp[:, 0].reshape(k_all, a, s)
         dab = samp[:, 1].reshape(k_all, a, s)
-        edge, h_nuc, hb = _nucleus(h, t, r0)
+        edge, h_nuc, hb = _nucleus(h, t, r0, dab if nucleus_dab else None)
         dab_row = torch.arange(k_all, device=dev)
     else:
         # Two groups: full rays with DAB, and haematoxylin-only rays of s_short samples.
@@ -318,10 +326,14 @@ def sample_rays(
         part = short.nonzero(as_tuple=True)[0]
         samp = sample_points(maps, meas_mpp, tile[full], yx_um[full], offsets)  # (F, 2, A*S)
         dab = samp[:, 1].reshape(full.numel(), a, s)
-        got_f = _nucleus(samp[:, 0].reshape(full.numel(), a, s), t, r0[full])
+        got_f = _nucleus(
+            samp[:, 0].reshape(full.numel(), a, s), t, r0[full], dab if nucleus_dab else None
+        )
         off_s = offsets.view(a, s, 2)[:, :s_short].reshape(a * s_short, 2)
-        h_s = sample_points(maps[:, :1], meas_mpp, tile[part], yx_um[part], off_s)
-        got_s = _nucleus(h_s.reshape(part.numel(), a, s_short), t[:s_short], r0[part])
+        nch = 2 if nucleus_dab else 1
+        h_s = sample_points(maps[:, :nch], meas_mpp, tile[part], yx_um[part], off_s)
+        h_s = h_s.reshape(part.numel(), nch, a, s_short)
+        got_s = _nucleus(h_s[:, 0], t[:s_short], r0[part], h_s[:, 1] if nucleus_dab else None)
         edge, h_nuc, hb = (
             _merge(k_all, full, f, part, g) for f, g in zip(got_f, got_s, strict=True)
         )
@@ -404,11 +416,14 @@ def _merge(
 
 
 def _nucleus(
-    h: torch.Tensor, t: torch.Tensor, r0: torch.Tensor
+    h: torch.Tensor, t: torch.Tensor, r0: torch.Tensor, dab: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nucleus outline from haematoxylin rays ``h`` (K, A, S) at radii ``t`` (S,): (edge (K, A),
     mean haematoxylin in the nucleus, haematoxylin around it (K,)). Reads the first
-    :func:`_h_samples` samples of each ray only."""
+    :func:`_h_samples` samples of each ray only.
+
+    With ``dab`` (K, A, S), the DAB rays, the outline is traced on haematoxylin + DAB (a nuclear
+    marker's positive nuclei are brown, not blue), while the two means stay haematoxylin."""
     import torch
 
     _, a, s = h.shape
@@ -418,16 +433,24 @@ def _nucleus(
     s_nuc = min(s, math.floor(0.8 * RAY_MAX_UM / RAY_STEP_UM) + 1)
     wpre = _prefix(t + RAY_STEP_UM / 2)
     hw = _prefix(h[..., :s_nuc] * (t[:s_nuc] + RAY_STEP_UM / 2))
-    h0 = _band_mean(hw, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s_nuc).view(-1, 1))
-    h0 = h0.mean(1)
     # Surroundings: the darkest sample of each ray in [r0 + 1.5, r0 + 4] um (at most 6 samples,
     # always inside the ray since r0 <= 8), then the median over rays.
     i0, i1 = _band(r0 + 1.5, r0 + 4.0, s)
     span = torch.arange(math.floor(2.5 / RAY_STEP_UM) + 1, device=h.device)
     ring_idx = torch.minimum(i0.view(-1, 1) + span, (i1 - 1).view(-1, 1))  # (K, 6)
-    ring_min = h.gather(2, ring_idx.unsqueeze(1).expand(-1, a, -1)).amin(2)  # (K, A)
-    hb = ring_min.median(1).values.clamp_min(0.0)
-    thr = 0.5 * (h0 + hb)
+
+    def ring(x: torch.Tensor) -> torch.Tensor:
+        ring_min = x.gather(2, ring_idx.unsqueeze(1).expand(-1, a, -1)).amin(2)  # (K, A)
+        return ring_min.median(1).values.clamp_min(0.0)
+
+    hb = ring(h)
+    ow, ob = hw, hb  # the map the outline is traced on: its prefix sums and surroundings
+    if dab is not None:
+        h = h + dab.clamp_min(0.0)
+        ow, ob = _prefix(h[..., :s_nuc] * (t[:s_nuc] + RAY_STEP_UM / 2)), ring(h)
+    h0 = _band_mean(ow, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s_nuc).view(-1, 1))
+    h0 = h0.mean(1)
+    thr = 0.5 * (h0 + ob)
     # Nucleus edge per ray: the first sample (after the centre) below half-way between centre and
     # surroundings, or the first at or beyond ``limit``.
     limit, i_lim = _edge_limit(r0)

@@ -226,8 +226,15 @@ class CellScorer(nn.Module):
                 # The outline centre moves at most MAX_CENTRE_SHIFT_UM from the detected one.
                 margin = MAX_CENTRE_SHIFT_UM + 0.5
                 dab_cells = self.in_core(peaks.yx_um, *tile_hw, margin_um=margin)
+            # Nuclei are outlined on the map they are found on (see ``sample_rays``).
             rays = sample_rays(
-                maps, self.meas_mpp, peaks.tile, peaks.yx_um, peaks.radius_um, dab_cells
+                maps,
+                self.meas_mpp,
+                peaks.tile,
+                peaks.yx_um,
+                peaks.radius_um,
+                dab_cells,
+                nucleus_dab=self.marker.detection == "haematoxylin+dab",
             )
         return rays, peaks.response, peaks.radius_um
 
