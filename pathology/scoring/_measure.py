@@ -446,9 +446,12 @@ def _nucleus(
     hb = ring(h)
     ow, ob = hw, hb  # the map the outline is traced on: its prefix sums and surroundings
     if dab is not None:
-        h = h + dab.clamp_min(0.0)
-        ow, ob = _prefix(h[..., :s_nuc] * (t[:s_nuc] + RAY_STEP_UM / 2)), ring(h)
-    h0 = _band_mean(ow, wpre, None, _band_end((0.5 * r0).clamp_min(1.0), s_nuc).view(-1, 1))
+        h = dab.clamp_min(0.0).add_(h)
+        # Only the centre band reads these prefix sums: it ends by 0.5 x r0 <= 4 um (r0 <= 8).
+        n0 = min(s_nuc, math.floor(4.0 / RAY_STEP_UM) + 1)
+        ow, ob = _prefix(h[..., :n0] * (t[:n0] + RAY_STEP_UM / 2)), ring(h)
+    i_centre = _band_end((0.5 * r0).clamp_min(1.0), ow.shape[-1] - 1).view(-1, 1)
+    h0 = _band_mean(ow, wpre, None, i_centre)
     h0 = h0.mean(1)
     thr = 0.5 * (h0 + ob)
     # Nucleus edge per ray: the first sample (after the centre) below half-way between centre and
