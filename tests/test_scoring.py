@@ -410,6 +410,66 @@ def test_halo_cells_get_short_haematoxylin_rays_and_the_same_features(
             part.dab_rays(without[:3])
 
 
+def test_grey_closing_matches_max_pooling() -> None:
+    import torch.nn.functional as F
+
+    from pathology.scoring._detect import grey_closing
+
+    x = torch.rand((3, 37, 29), generator=torch.Generator().manual_seed(0))
+    for half in (1, 2, 3):
+        k = 2 * half + 1
+        dil = F.max_pool2d(x.unsqueeze(1), k, 1, half)
+        ref = -F.max_pool2d(-dil, k, 1, half)
+        assert torch.equal(grey_closing(x, half), ref.squeeze(1)), half
+    assert grey_closing(x, 0) is x
+
+
+def test_granular_ki67_nucleus_gives_one_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ki-67-positive nucleus stained as clumps around a paler centre (as on BCData 6_2) is one
+    nucleus: the closing of the detection map's DAB part merges the clumps' LoG peaks. Without
+    it (DAB_CLOSING_UM 0) the same nucleus gives a peak per clump; a blue nucleus 14 um away
+    keeps its one peak either way."""
+    import pathology.scoring._model as model_mod
+    from pathology.scoring import load_model
+
+    mpp = 0.5
+    yy, xx = np.mgrid[0:80, 0:80] * mpp + mpp / 2
+    maps = np.zeros((1, 2, 80, 80), np.float32)
+    cy, cx = 20.3, 16.2
+    maps[0, 1][(yy - cy) ** 2 + (xx - cx) ** 2 <= 5.5**2] = 0.1  # pale brown nucleoplasm
+    for a in np.arange(5) * (2 * np.pi / 5):  # five dark clumps 1.5 um across on a 4 um ring
+        clump = (yy - cy - 4.0 * np.sin(a)) ** 2 + (xx - cx - 4.0 * np.cos(a)) ** 2 <= 1.5**2
+        maps[0, 1][clump] = 1.2
+    maps[0, 0][(yy - cy) ** 2 + (xx - cx - 14.0) ** 2 <= 3.5**2] = 0.6
+    t = torch.from_numpy(maps)
+
+    def peaks_in(closing_um: float) -> tuple[int, int]:
+        monkeypatch.setattr(model_mod, "DAB_CLOSING_UM", closing_um)
+        scorer = load_model("ki67", mpp, halo_px=0, device="cpu")
+        with torch.inference_mode():
+            rays, _, _ = scorer.detect(t)
+        d_brown = (rays.yx_um - torch.tensor([cy, cx])).norm(dim=1)
+        d_blue = (rays.yx_um - torch.tensor([cy, cx + 14.0])).norm(dim=1)
+        return int((d_brown < 5.5).sum()), int((d_blue < 3.5).sum())
+
+    assert peaks_in(2.0) == (1, 1)
+    brown, blue = peaks_in(0.0)
+    assert brown >= 4 and blue == 1
+
+
+@pytest.mark.parametrize("r_um", [2.5, 4.0, 5.0])
+def test_a_plateau_gives_one_peak(r_um: float) -> None:
+    """A disc centred on a pixel corner has a flat top of equal responses; it is one nucleus
+    (the suppression breaks ties by position: it gave 2-3 coincident peaks before)."""
+    from pathology.scoring._detect import detect_nuclei
+
+    yy, xx = np.mgrid[0:40, 0:40] + 0.5
+    det = ((yy - 20.0) ** 2 + (xx - 20.0) ** 2 <= r_um**2).astype(np.float32) * 0.6
+    peaks = detect_nuclei(torch.from_numpy(det)[None, None], 1.0)
+    assert peaks.tile.numel() == 1
+    assert peaks.yx_um[0].tolist() == pytest.approx([20.0, 20.0], abs=0.05)
+
+
 def test_nuclear_marker_outlines_brown_nuclei_at_their_size() -> None:
     """A Ki-67-positive nucleus is brown: where the slide's DAB hue is off the unmixing vector it
     reads no haematoxylin, or a little below zero. Markers that find nuclei on haematoxylin + DAB
@@ -689,7 +749,7 @@ def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jp
 @pytest.mark.xfail(
     strict=True,
     reason="(2026-11-24) the linear cell-type regression types pale lymphocytes in lymphoid "
-    "clusters tumour: here immune 129 of 154 counted, 10 % allowed, tumour 422 / 394 (with "
+    "clusters tumour: here immune 128 of 154 counted, 10 % allowed, tumour 423 / 394 (with "
     "haematoxylin outlines 131 and 419, 15 of 132 lymphocytes typed tumour); over seeds 31-36 of "
     "four presets 247 of 2,908 lymphocytes and 148 of 511 macrophages. A 16-unit hidden layer "
     "fixed this (54 and 55; here 396 / 394 tumour, 150 / 154 immune) but dropped real BCData "
@@ -768,11 +828,12 @@ def _deepliif_scored() -> list[tuple[str, dict[str, np.ndarray], object]]:
 @pytest.mark.xfail(
     strict=True,
     reason="(cells / GT, positive % / GT at 0.25 um/px, 2026-11-24, Ki-67 nuclei outlined on "
-    "haematoxylin + DAB) Lung1 63/61, 19.0/18.0 (met); BCData tumour + immune cells 22_2 110/137, "
-    "10.0/7.3 (met); 34_3 120/100 (count met), 37.5/21.0; 6_2 61/46, 52.5/47.8 (% met). 34_3: "
-    "brown nuclei the annotators left unlabelled are counted positive (per nucleus, labelled and "
-    "detected ones agree: test_deepliif_positivity_of_matched_nuclei); 6_2: pale unlabelled "
-    "nuclei in the stroma are counted",
+    "haematoxylin + DAB, DAB closed for detection) Lung1 61/61, 19.7/18.0 (met); BCData tumour + "
+    "immune cells 22_2 113/137, 9.7/7.3 (met); 34_3 119/100 (count met), 34.5/21.0; 6_2 57/46 "
+    "(55 allowed), 45.6/47.8 (% met). 34_3: brown nuclei the annotators left unlabelled are "
+    "counted positive (per nucleus, labelled and detected ones agree: "
+    "test_deepliif_positivity_of_matched_nuclei); 6_2: pale unlabelled nuclei in the stroma are "
+    "counted",
 )
 def test_deepliif_ki67_targets() -> None:
     # What the masks count, and so what is compared with them:
@@ -802,7 +863,7 @@ def test_bcdata_tumour_nuclei_are_typed_tumour() -> None:
     the three tiles. This is the check on real tissue that the cell typing (fitted on synthetic
     cells) transfers; PD-L1's CPS and TPS divide by the tumour cells it finds.
 
-    2026-11-24: 168 of 225 (75 %); 32 lymphocyte, 18 macrophage, 7 other. It was 158 of 229
+    2026-11-24: 173 of 230 (75 %); 33 lymphocyte, 16 macrophage, 8 other. It was 158 of 229
     (69 %) while Ki-67 nuclei were outlined on haematoxylin alone: a brown nucleus's outline
     shrank to a sliver and the cell was typed lymphocyte or other."""
     from pathology.groundtruth import match_cells
@@ -822,7 +883,7 @@ def test_deepliif_positivity_of_matched_nuclei() -> None:
     BCData tiles. This separates the stain measurement from detection and labelling scope: the
     tile-level positive % of ``test_deepliif_ki67_targets`` misses on 34_3 and 6_2 because of
     detected nuclei that carry no label, while the nuclei both sides found are called alike
-    (2026-11-24: 59 of 62 labelled positives called positive, 210 of 217 negatives negative)."""
+    (2026-11-24: 60 of 63 labelled positives called positive, 213 of 220 negatives negative)."""
     from pathology.groundtruth import match_cells
 
     table = np.zeros((2, 2), np.int64)  # rows: label positive, negative; columns: called +, -

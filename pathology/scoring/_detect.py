@@ -19,7 +19,16 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DETECT_MPP", "SIGMAS_UM", "Peaks", "detect_nuclei", "gaussian_taps", "log_responses"]
+__all__ = [
+    "DAB_CLOSING_UM",
+    "DETECT_MPP",
+    "SIGMAS_UM",
+    "Peaks",
+    "detect_nuclei",
+    "gaussian_taps",
+    "grey_closing",
+    "log_responses",
+]
 
 #: Microns per pixel of the detection grid.
 DETECT_MPP = 1.0
@@ -30,6 +39,15 @@ SIGMAS_UM = (2.0, 2.5, 3.1, 3.8, 4.5, 5.2)
 MIN_RESPONSE = 0.03
 #: A peak suppresses weaker peaks within this fraction of its radius.
 NMS_FRACTION = 0.85
+#: Half-width (um) of the grey closing of the DAB part of a haematoxylin + DAB detection map.
+#: Ki-67 stains chromatin clumps and nucleoli, so a positive nucleus is often granular or a
+#: ring of brown around a paler centre, and the LoG finds a peak on each clump; closing fills the
+#: gaps between clumps (up to ~2 x this wide) so one nucleus gives one peak. Haematoxylin is not
+#: closed: the pale line between touching blue nuclei is what separates them. Measured on the
+#: DeepLIIF Ki-67 tiles (kept cells / truth): 6_2 61 -> 57 / 46, 34_3 120 -> 119 / 100, 22_2
+#: 110 -> 113 / 137; 1.5 um (3 px) kept 57 on 6_2 but lost 34_3's touching brown nuclei less
+#: evenly, 3-4 um (7-9 px) merged fewer clumps on 6_2 (60).
+DAB_CLOSING_UM = 2.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +227,11 @@ def _suppress(
     rr = torch.zeros((n_tiles, kmax), device=dev)
     rr[n, pos] = rad
     d = torch.cdist(yx, yx)  # (N, kmax, kmax): [i, j]
-    stronger = r.unsqueeze(1) > r.unsqueeze(2)  # j stronger than i
+    # j stronger than i; equal responses (a plateau's pixels) by index, so one of them stays.
+    idx = torch.arange(kmax, device=dev)
+    stronger = (r.unsqueeze(1) > r.unsqueeze(2)) | (
+        (r.unsqueeze(1) == r.unsqueeze(2)) & (idx.view(1, 1, -1) < idx.view(1, -1, 1))
+    )
     covered = (d < rr.unsqueeze(1)) & stronger
     return ~covered.any(2)[n, pos]
 
@@ -223,6 +245,37 @@ def _max3x3(r: torch.Tensor) -> torch.Tensor:
     p = F.pad(r, (1, 1, 1, 1), value=-math.inf)
     row = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
     return torch.maximum(torch.maximum(row[:, :-2], row[:, 1:-1]), row[:, 2:])
+
+
+def _extreme_filter(x: torch.Tensor, half: int, largest: bool) -> torch.Tensor:
+    """Maximum (``largest``) or minimum of (N, h, w) over a (2 half + 1)^2 square, the outside
+    ignored: one running extreme of shifted slices per axis (separable, as :func:`_max3x3`)."""
+    import torch
+    import torch.nn.functional as F
+
+    op = torch.maximum if largest else torch.minimum
+    fill = -math.inf if largest else math.inf
+    k = 2 * half + 1
+    p = F.pad(x, (half, half, 0, 0), value=fill)
+    w = x.shape[-1]
+    row = p[:, :, :w].clone()
+    for i in range(1, k):
+        row = op(row, p[:, :, i : i + w])
+    p = F.pad(row, (0, 0, half, half), value=fill)
+    h = x.shape[-2]
+    out = p[:, :h].clone()
+    for i in range(1, k):
+        out = op(out, p[:, i : i + h])
+    return out
+
+
+def grey_closing(x: torch.Tensor, half: int) -> torch.Tensor:
+    """Grey-level closing of (N, h, w) with a (2 half + 1)^2 square: the maximum, then the minimum
+    (dark gaps narrower than the square between brighter values are filled; here the values
+    are optical densities, so pale gaps inside a stained nucleus are)."""
+    if half <= 0:
+        return x
+    return _extreme_filter(_extreme_filter(x, half, True), half, False)
 
 
 def detect_nuclei(det: torch.Tensor, det_mpp: float, min_response: float = MIN_RESPONSE) -> Peaks:

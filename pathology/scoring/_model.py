@@ -37,7 +37,7 @@ from pathology.scoring._celltype import (
     CellTypeModel,
     cell_features,
 )
-from pathology.scoring._detect import DETECT_MPP, detect_nuclei
+from pathology.scoring._detect import DAB_CLOSING_UM, DETECT_MPP, detect_nuclei, grey_closing
 from pathology.scoring._markers import MarkerConfig
 from pathology.scoring._measure import (
     MAX_CENTRE_SHIFT_UM,
@@ -213,12 +213,13 @@ class CellScorer(nn.Module):
         in the core get DAB rays (the others are neighbours only: their nucleus features are the
         same, ``Rays.dab_rays`` refuses them); default: every cell.
         """
-        det = maps[:, :1]
-        if self.marker.detection == "haematoxylin+dab":
-            det = det + maps[:, 1:2].clamp_min(0)
-        if self.det_factor > 1:
-            det = mean_pool(det, self.det_factor)
         with self._step("detect", maps):
+            det = mean_pool(maps[:, :1], self.det_factor)
+            if self.marker.detection == "haematoxylin+dab":
+                # Plus the DAB, with the gaps between a positive nucleus's stained clumps
+                # closed (see DAB_CLOSING_UM), on the detection grid.
+                dab = mean_pool(maps[:, 1].clamp_min(0), self.det_factor)
+                det = det + grey_closing(dab, round(DAB_CLOSING_UM / self.det_mpp)).unsqueeze(1)
             peaks = detect_nuclei(det, self.det_mpp)
         with self._step("rays", maps):
             dab_cells = None
