@@ -33,70 +33,10 @@ import sys
 
 import numpy as np
 
-from pathology.scoring import CELL_CLASSES, fit_cell_types, training_cells
+from pathology.scoring import CELL_CLASSES, fit_cell_types
 from pathology.scoring._celltype import HIDDEN_UNITS
-from pathology.synth import SynthParams, render_region
-from pathology.synth._svs import jpeg_round_trip
-
-PRESETS = ("p16_positive", "p16_negative", "pdl1_cps_ge20", "pdl1_cps_1_19", "ki67")
-MARKER = {"p16": "p16", "pdl1": "pdl1", "ki67": "ki67"}
-
-
-#: Scan resolutions cycled over (seed, preset): true-size regions, and shrunk ones (f < 1), whose
-#: cells are small enough that 1.0 um/px would leave them a few pixels across.
-MPPS = (0.25, 0.5, 0.5, 1.0)
-MPPS_SHRUNK = (0.25, 0.25, 0.5)
-#: Staining strengths (DAB OD) cycled over in regions drawn with ``variety``. Ki-67-positive
-#: nuclei on scanned slides read 1.7-2.2 OD (BCData 22_2, 34_3, 6_2: the upper quantiles of the
-#: nuclei matched to the labels, i.e. the positive ones), far above the presets' 0.5.
-INTENSITIES: dict[str, tuple[str | float, ...]] = {
-    "ki67": ("moderate", "strong", 1.2, 1.6, 2.0),
-    "pdl1_cps_ge20": ("strong", 1.1),
-    "pdl1_cps_1_19": ("moderate", "strong"),
-}
-
-
-def collect(
-    seeds: range,
-    size: int,
-    scales: tuple[float, ...] = (1.0,),
-    jpeg: bool = False,
-    variety: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Feature rows and labels of every (seed, preset, scale): a region rendered at ``mpp / f``
-    and detected as if at ``mpp``, so every length the detector sees is ``f`` x the true one.
-    ``jpeg``: every other region goes through the SVS writer's JPEG (q90, 4:2:0) first, as a
-    scanned slide's pixels do. ``variety``: the regions cycle through ``SynthParams.variety``
-    0, ``variety / 2`` and ``variety`` (and, where it is not 0, Ki-67 and PD-L1 through
-    stronger staining, :data:`INTENSITIES`), so the reference look stays a third of the cells."""
-    feats, labels = [], []
-    for seed in seeds:
-        for k, preset in enumerate(PRESETS):
-            for f in scales:
-                mpps = MPPS if f == 1.0 else MPPS_SHRUNK
-                mpp = mpps[(seed + k) % len(mpps)]
-                v = variety * ((seed + k) % 3) / 2
-                extra: dict[str, object] = {"variety": v}
-                if v > 0 and preset in INTENSITIES:
-                    cyc = INTENSITIES[preset]
-                    extra["intensity"] = cyc[(seed + k + int(f * 4)) % len(cyc)]
-                p = SynthParams.preset(
-                    preset, width=size, height=size, mpp=mpp / f, seed=seed, **extra
-                )
-                r = render_region(p)
-                xy = np.array([(c.x, c.y) for c in r.truth.cells], np.float64)
-                types = [c.type for c in r.truth.cells]
-                rgb = jpeg_round_trip(r.rgb) if jpeg and (seed + k) % 2 else r.rgb
-                tc = training_cells(rgb, xy, types, mpp=mpp, marker=MARKER[p.marker])
-                feats.append(tc.features)
-                labels.append(tc.labels)
-    return np.concatenate(feats), np.concatenate(labels)
-
-
-def confusion(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    pred = model.predict_proba(x).argmax(1)
-    c = len(CELL_CLASSES)
-    return np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+from pathology.scoring._fit import MPPS, MPPS_SHRUNK, PRESETS, type_confusion
+from pathology.scoring._fit import synthetic_training_cells as collect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     by_scale: dict[float, np.ndarray] = {}
     for f in scales:
         xte, yte = collect(test, args.size, (f,), args.jpeg, args.variety)
-        cm = confusion(model, xte, yte)
+        cm = type_confusion(model, xte, yte)
         by_scale[f] = cm
         rec = [round(float(cm[i, i] / max(1, cm[i].sum())), 3) for i in range(len(CELL_CLASSES))]
         print(

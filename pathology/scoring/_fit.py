@@ -19,10 +19,34 @@ from pathology.scoring._celltype import CELL_CLASSES, FEATURES, NONE, CellTypeMo
 from pathology.scoring._markers import MarkerConfig, load_marker
 from pathology.scoring._stains import StainEstimate
 
-__all__ = ["TrainingCells", "training_cells"]
+__all__ = [
+    "INTENSITIES",
+    "MPPS",
+    "MPPS_SHRUNK",
+    "PRESETS",
+    "TrainingCells",
+    "synthetic_training_cells",
+    "training_cells",
+    "type_confusion",
+]
 
 #: A detection within this distance of an annotated centre matches it.
 MATCH_RADIUS_UM = 4.0
+
+#: Synthetic presets the shipped cell-type classifier is fitted on (``scripts/fit_cell_types.py``).
+PRESETS = ("p16_positive", "p16_negative", "pdl1_cps_ge20", "pdl1_cps_1_19", "ki67")
+#: Scan resolutions cycled over (seed, preset): true-size regions, and shrunk ones (f < 1), whose
+#: cells are small enough that 1.0 um/px would leave them a few pixels across.
+MPPS = (0.25, 0.5, 0.5, 1.0)
+MPPS_SHRUNK = (0.25, 0.25, 0.5)
+#: Staining strengths (DAB OD) cycled over in regions drawn with ``variety``. Ki-67-positive
+#: nuclei on scanned slides read 1.7-2.2 OD (BCData 22_2, 34_3, 6_2: the upper quantiles of the
+#: nuclei matched to the labels, i.e. the positive ones), far above the presets' 0.5.
+INTENSITIES: dict[str, tuple[str | float, ...]] = {
+    "ki67": ("moderate", "strong", 1.2, 1.6, 2.0),
+    "pdl1_cps_ge20": ("strong", 1.1),
+    "pdl1_cps_1_19": ("moderate", "strong"),
+}
 
 
 @dataclass(frozen=True)
@@ -109,3 +133,54 @@ def _dummy_types() -> CellTypeModel:
         mean=np.zeros(f, np.float32),
         scale=np.ones(f, np.float32),
     )
+
+
+def synthetic_training_cells(
+    seeds: range,
+    size: int,
+    scales: tuple[float, ...] = (1.0,),
+    jpeg: bool = False,
+    variety: float = 0.0,
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Feature rows and labels of every (seed, preset, scale) of the project's synthetic slides:
+    a ``size`` px region rendered at ``mpp / f`` and detected as if at ``mpp``, so every length the
+    detector sees is ``f`` x the true one. ``jpeg``: every other region goes through the SVS
+    writer's JPEG (q90, 4:2:0) first, as a scanned slide's pixels do. ``variety``: the regions
+    cycle through ``SynthParams.variety`` 0, ``variety / 2`` and ``variety`` (and, where it is not
+    0, Ki-67 and PD-L1 through stronger staining, :data:`INTENSITIES`), so the reference look
+    stays a third of the cells. What ``scripts/fit_cell_types.py`` fits and tests on."""
+    from pathology.synth import SynthParams, render_region
+    from pathology.synth._svs import jpeg_round_trip
+
+    feats, labels = [], []
+    for seed in seeds:
+        for k, preset in enumerate(PRESETS):
+            for f in scales:
+                mpps = MPPS if f == 1.0 else MPPS_SHRUNK
+                mpp = mpps[(seed + k) % len(mpps)]
+                v = variety * ((seed + k) % 3) / 2
+                extra: dict[str, object] = {"variety": v}
+                if v > 0 and preset in INTENSITIES:
+                    cyc = INTENSITIES[preset]
+                    extra["intensity"] = cyc[(seed + k + int(f * 4)) % len(cyc)]
+                p = SynthParams.preset(
+                    preset, width=size, height=size, mpp=mpp / f, seed=seed, **extra
+                )
+                r = render_region(p)
+                xy = np.array([(c.x, c.y) for c in r.truth.cells], np.float64)
+                types = [c.type for c in r.truth.cells]
+                rgb = jpeg_round_trip(r.rgb) if jpeg and (seed + k) % 2 else r.rgb
+                tc = training_cells(rgb, xy, types, mpp=mpp, marker=p.marker)
+                feats.append(tc.features)
+                labels.append(tc.labels)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def type_confusion(
+    model: CellTypeModel, x: NDArray[np.float32], y: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """(C, C) confusion counts of ``model`` on feature rows ``x`` with labels ``y``: rows the true
+    class, columns the predicted one, in :data:`CELL_CLASSES` order."""
+    pred = model.predict_proba(x).argmax(1)
+    c = len(CELL_CLASSES)
+    return np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
