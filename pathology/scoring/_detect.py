@@ -45,8 +45,8 @@ NMS_FRACTION = 0.85
 #: gaps between clumps (up to ~2 x this wide) so one nucleus gives one peak. Haematoxylin is not
 #: closed: the pale line between touching blue nuclei is what separates them. Measured on the
 #: DeepLIIF Ki-67 tiles (kept cells / truth): 6_2 61 -> 57 / 46, 34_3 120 -> 119 / 100, 22_2
-#: 110 -> 113 / 137; 1.5 um (3 px) kept 57 on 6_2 but lost 34_3's touching brown nuclei less
-#: evenly, 3-4 um (7-9 px) merged fewer clumps on 6_2 (60).
+#: 110 -> 113 / 137; a 1 um half-width (3 x 3 px) gave 6_2 57 and 34_3 114, 3-4 um (7-9 px)
+#: gave 6_2 60.
 DAB_CLOSING_UM = 2.0
 
 
