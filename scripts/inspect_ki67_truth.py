@@ -63,7 +63,7 @@ def all_detections(
     with torch.inference_mode():
         t = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
         rays, resp, radius = scorer.detect(scorer.stain_maps(t))
-        cls, _ = scorer.classify(cell_features(rays, resp, radius))
+        cls, _ = scorer.classify(cell_features(rays, resp, radius, scorer.stains.h_scale))
         y = rays.yx_um[:, 0].numpy() / mpp - 0.5
         x = rays.yx_um[:, 1].numpy() / mpp - 0.5
         size = t.shape[-1]

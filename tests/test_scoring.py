@@ -506,6 +506,120 @@ def test_nuclear_marker_outlines_brown_nuclei_at_their_size() -> None:
     assert float(on_both.h_nucleus[1]) == pytest.approx(-0.05, abs=0.02)
     assert float(on_both.h_around[1]) == pytest.approx(float(on_h.h_around[1]), abs=1e-6)
 
+    assert float(on_both.nucleus_dab_od[1]) == pytest.approx(0.9, abs=0.02)
+    assert on_h.nucleus_dab_od is None
+
+
+def test_off_plane_brown_is_outlined_on_the_larger_stain() -> None:
+    """Scanned brown whose hue lies off the two stain vectors unmixes into large readings of
+    opposite sign (BCData 6_2: haematoxylin -1.7 next to DAB +1.7 OD at saturated pixels). A
+    brown nucleus with such a band inside is outlined on the larger of the two stains at its true
+    size; on their sum the band reads ~0 and every ray stops at it."""
+    from pathology.scoring import _measure
+    from pathology.scoring._measure import sample_rays
+
+    mpp, r_um = 0.5, 4.0
+    yy, xx = np.mgrid[0:48, 0:48] * mpp + mpp / 2
+    rr = np.hypot(yy - 12.0, xx - 12.0)
+    maps = np.zeros((1, 2, 48, 48), np.float32)
+    maps[0, 1][rr <= r_um] = 1.7
+    band = (rr >= 1.5) & (rr <= 2.5)
+    maps[0, 0][band] = -1.6
+    args = (
+        torch.from_numpy(maps),
+        mpp,
+        torch.zeros(1, dtype=torch.long),
+        torch.tensor([[12.0, 12.0]]),
+        torch.tensor([2.83]),
+    )
+    true_area = math.pi * r_um**2
+    rays = sample_rays(*args, nucleus_dab=True)
+    assert float(rays.area_um2[0]) == pytest.approx(true_area, rel=0.15)
+    # The same rays traced on the sum (what the outline read before): the band cuts it short.
+    t = torch.arange(0.0, _measure.RAY_MAX_UM + 1e-6, _measure.RAY_STEP_UM)
+    a = _measure.RAY_ANGLES
+    theta = torch.arange(a, dtype=torch.float32) * (2 * math.pi / a)
+    dirs = torch.stack([torch.sin(theta), torch.cos(theta)], 1)
+    offsets = (t.view(1, -1, 1) * dirs.view(a, 1, 2)).reshape(-1, 2)
+    samp = _measure.sample_points(args[0], mpp, args[2], args[3], offsets).reshape(1, 2, a, -1)
+    summed = samp[:, 0] + samp[:, 1].clamp_min(0)
+    edge_sum = _measure._nucleus(summed, t, args[4].clamp(2.0, 8.0))[0]
+    assert float(edge_sum.max()) < 2.0  # um: stops at the band, against 4 um
+
+
+def test_darkness_of_dab_masked_nuclei_is_not_read() -> None:
+    """Under Ki-67 (nuclei found on haematoxylin + DAB), a nucleus whose DAB is >= 0.3 OD and
+    >= its unscaled haematoxylin has its haematoxylin darkness features left unread (NaN, which
+    the classifier standardises to 0), and is left out of its neighbours' darkness ratio. A dark
+    blue nucleus with DAB cross-talk below its haematoxylin (as synthetic lymphocytes read: 0.6
+    DAB next to 0.9 haematoxylin) stays read; so does every nucleus under a marker whose nuclei
+    are found on haematoxylin alone."""
+    from pathology.scoring._celltype import cell_features, stained_nuclei
+    from pathology.scoring._measure import sample_rays
+
+    mpp = 0.5
+    yy, xx = np.mgrid[0:64, 0:64] * mpp + mpp / 2
+    maps = np.zeros((1, 2, 64, 64), np.float32)
+    # (centre um, haematoxylin, DAB): blue tumour nucleus, leaky brown one, dark blue one
+    nuclei = [((10.0, 10.0), 0.5, 0.0), ((10.0, 22.0), 1.4, 1.8), ((22.0, 10.0), 0.9, 0.6)]
+    for (cy, cx), h, d in nuclei:
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 3.5**2
+        maps[0, 0][disc], maps[0, 1][disc] = h, d
+    args = (
+        torch.from_numpy(maps),
+        mpp,
+        torch.zeros(3, dtype=torch.long),
+        torch.tensor([c for c, _, _ in nuclei]),
+        torch.full((3,), 2.83),
+    )
+    rays = sample_rays(*args, nucleus_dab=True)
+    resp, radius = torch.full((3,), 0.5), torch.full((3,), 2.83)
+    h_col, dark_col = FEATURES.index("h_nucleus"), FEATURES.index("neighbour_log_darkness_ratio")
+    f = cell_features(rays, resp, radius).numpy()
+    assert np.isnan(f[1, [h_col, dark_col]]).all()
+    assert np.isfinite(np.delete(f, 1, axis=0)).all() and np.isfinite(np.delete(f[1], [1, 8])).all()
+    # The blue nucleus's darkness ratio is against the dark blue neighbour only.
+    assert f[0, dark_col] == pytest.approx(math.log(0.9 / 0.5), abs=0.05)
+    # The comparison is on unscaled haematoxylin: with the map scaled x2 (a pale counterstain)
+    # the dark blue nucleus's 0.9 is 0.45 unscaled, below its 0.6 DAB; scaled x0.5 the brown
+    # one's 1.4 is 2.8, above its 1.8.
+    assert stained_nuclei(rays.nucleus_dab_od, rays.h_nucleus, 2.0).tolist() == [0, 1, 1]
+    # A pale nucleus reading more DAB than haematoxylin, both near noise: read.
+    assert not stained_nuclei(torch.tensor([0.25]), torch.tensor([0.1])).any()
+    assert not stained_nuclei(rays.nucleus_dab_od, rays.h_nucleus, 0.5).any()
+    # Nuclei found on haematoxylin alone carry no nucleus DAB: every feature is read.
+    assert np.isfinite(cell_features(sample_rays(*args), resp, radius).numpy()).all()
+    # NaN is typed as the training mean, and fitted as such.
+    from pathology.scoring import model_dir
+
+    model = load_cell_types(model_dir() / "cell_types.json")
+    at_mean = f.copy()
+    at_mean[1, [h_col, dark_col]] = model.mean[[h_col, dark_col]]
+    np.testing.assert_allclose(model.predict_proba(f), model.predict_proba(at_mean), atol=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, len(FEATURES))).astype(np.float32)
+    y = rng.integers(0, len(CELL_CLASSES), 200)
+    x[:50, h_col] = np.nan
+    fitted = fit_cell_types(x, y)
+    assert fitted.mean[h_col] == pytest.approx(float(np.nanmean(x[:, h_col])), abs=1e-5)
+    assert np.isfinite(fitted.predict_proba(x)).all()
+
+
+def test_strongly_stained_ki67_tumour_cells_stay_tumour() -> None:
+    """Synthetic Ki-67 at 2.0 OD with look variety (seed 33): the positive tumour nuclei read
+    ~1.15 OD haematoxylin leaked from the DAB, and were typed lymphocytes while their darkness
+    was read as chromatin (0 of 35 positive tumour cells found, 68 immune cells for 35). With it
+    left unread (``stained_nuclei``) counts are within 10 % of the truth."""
+    p = SynthParams.preset(
+        "ki67", width=640, height=640, mpp=0.5, seed=33, variety=1.0, intensity=2.0
+    )
+    r = render_region(p)
+    v = r.truth.values
+    t = score_image(r.rgb, "ki67", mpp=0.5, device="cpu").total()
+    assert abs(t["tumor_cells"] - v.tumor_cells) <= 0.1 * v.tumor_cells, (t, v)
+    assert abs(t["tumor_positive"] - v.tumor_positive) <= 0.1 * v.tumor_positive, (t, v)
+    assert abs(t["immune_cells"] - v.immune_cells) <= 0.15 * v.immune_cells, (t, v)
+
 
 # -- device ----------------------------------------------------------------------------------
 def test_device_resolution() -> None:
@@ -796,8 +910,9 @@ def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jp
 @pytest.mark.xfail(
     strict=True,
     reason="(2026-11-24) the linear cell-type regression types pale lymphocytes in lymphoid "
-    "clusters tumour: here immune 128 of 154 counted, 10 % allowed, tumour 423 / 394 (with "
-    "haematoxylin outlines 131 and 419, 15 of 132 lymphocytes typed tumour); over seeds 31-36 of "
+    "clusters tumour: here immune 131 of 154 counted, 10 % allowed, tumour 419 / 394 (128 and "
+    "423 before DAB-masked darkness was left unread; 15 of 132 lymphocytes typed tumour); over "
+    "seeds 31-36 of "
     "four presets 247 of 2,908 lymphocytes and 148 of 511 macrophages. A 16-unit hidden layer "
     "fixed this (54 and 55; here 396 / 394 tumour, 150 / 154 immune) but dropped real BCData "
     "nuclei as `none` (model card)",
@@ -875,9 +990,10 @@ def _deepliif_scored() -> list[tuple[str, dict[str, np.ndarray], object]]:
 @pytest.mark.xfail(
     strict=True,
     reason="(cells / GT, positive % / GT at 0.25 um/px, 2026-11-24, Ki-67 nuclei outlined on "
-    "haematoxylin + DAB, DAB closed for detection) Lung1 61/61, 19.7/18.0 (met); BCData tumour + "
-    "immune cells 22_2 113/137, 9.7/7.3 (met); 34_3 119/100 (count met), 34.5/21.0; 6_2 57/46 "
-    "(55 allowed), 45.6/47.8 (% met). 34_3: brown nuclei the annotators left unlabelled are "
+    "the larger of haematoxylin and DAB, DAB closed for detection, darkness of DAB-masked nuclei "
+    "unread) Lung1 63/61, 19.0/18.0 (met); BCData tumour + immune cells 22_2 112/137, 9.8/7.3 "
+    "(met); 34_3 115/100 (count met), 31.3/21.0; 6_2 56/46 (55 allowed), 50.0/47.8 (% met). "
+    "34_3: brown nuclei the annotators left unlabelled are "
     "counted positive (per nucleus, labelled and detected ones agree: "
     "test_deepliif_positivity_of_matched_nuclei); 6_2: pale unlabelled nuclei in the stroma are "
     "counted",
@@ -906,21 +1022,30 @@ def test_deepliif_ki67_targets() -> None:
 @pytest.mark.realdata
 def test_bcdata_tumour_nuclei_are_typed_tumour() -> None:
     """BCData labels tumour nuclei only (positive and negative), so every labelled nucleus the
-    scorer detects should be typed tumour: >= 70 % of those matched within 4 um, pooled over
-    the three tiles. This is the check on real tissue that the cell typing (fitted on synthetic
-    cells) transfers; PD-L1's CPS and TPS divide by the tumour cells it finds.
+    scorer detects should be typed tumour: >= 80 % of those matched within 4 um, pooled over
+    the three tiles, and >= 80 % of the labelled Ki-67-positive ones (the Ki-67 index divides
+    the positive tumour cells by the tumour cells). This is the check on real tissue that the
+    cell typing (fitted on synthetic cells) transfers; PD-L1's CPS and TPS divide by the tumour
+    cells it finds too.
 
-    2026-11-24: 173 of 230 (75 %); 33 lymphocyte, 16 macrophage, 8 other. It was 158 of 229
-    (69 %) while Ki-67 nuclei were outlined on haematoxylin alone: a brown nucleus's outline
-    shrank to a sliver and the cell was typed lymphocyte or other."""
+    2026-11-24: 194 of 230 (84 %; 12 lymphocyte, 16 macrophage, 8 other), positives 45 of 52.
+    Before Ki-67 outlines were traced on the larger of haematoxylin and DAB and the darkness of
+    DAB-masked nuclei was left unread (``stained_nuclei``): 173 of 230, positives 26 of 52 (6_2:
+    6 of 22, 14 typed lymphocyte); before Ki-67 nuclei were outlined on haematoxylin + DAB: 158
+    of 229 (a brown nucleus's outline shrank to a sliver)."""
     from pathology.groundtruth import match_cells
 
     typed = np.zeros(4, np.int64)
+    positives = np.zeros(4, np.int64)
     for name, c, gt in _deepliif_scored()[1:]:
         m = match_cells(np.stack([c["x"], c["y"]], 1), gt.centroid_xy, 4.0 / 0.25)
         assert m.tp >= 0.6 * gt.n_cells, (name, m.tp, gt.n_cells)
-        typed += np.bincount(c["type"][m.pairs[:, 0]], minlength=4)
-    assert typed[0] >= 0.7 * typed.sum(), f"types (tumour, lymphocyte, macrophage, other): {typed}"
+        types = c["type"][m.pairs[:, 0]]
+        typed += np.bincount(types, minlength=4)
+        positives += np.bincount(types[np.asarray(gt.positive)[m.pairs[:, 1]]], minlength=4)
+    what = "types (tumour, lymphocyte, macrophage, other)"
+    assert typed[0] >= 0.8 * typed.sum(), f"{what}: {typed}"
+    assert positives[0] >= 0.8 * positives.sum(), f"{what} of labelled positives: {positives}"
 
 
 @pytest.mark.realdata
@@ -930,7 +1055,7 @@ def test_deepliif_positivity_of_matched_nuclei() -> None:
     BCData tiles. This separates the stain measurement from detection and labelling scope: the
     tile-level positive % of ``test_deepliif_ki67_targets`` misses on 34_3 and 6_2 because of
     detected nuclei that carry no label, while the nuclei both sides found are called alike
-    (2026-11-24: 60 of 63 labelled positives called positive, 213 of 220 negatives negative)."""
+    (2026-11-24: 60 of 63 labelled positives called positive, 215 of 221 negatives negative)."""
     from pathology.groundtruth import match_cells
 
     table = np.zeros((2, 2), np.int64)  # rows: label positive, negative; columns: called +, -

@@ -105,7 +105,7 @@ def training_cells(
             t = torch.from_numpy(tiles[i : i + 16]).permute(0, 3, 1, 2).contiguous()
             maps = scorer.stain_maps(t)
             rays, resp, radius = scorer.detect(maps)
-            fe = cell_features(rays, resp, radius).numpy()
+            fe = cell_features(rays, resp, radius, est.h_scale).numpy()
             y = rays.centre_um[:, 0].numpy() / mpp - 0.5
             x = rays.centre_um[:, 1].numpy() / mpp - 0.5
             core = scorer.in_core(rays.centre_um, t.shape[-2], t.shape[-1]).numpy()

@@ -243,7 +243,7 @@ class CellScorer(nn.Module):
         tmean, tscale, tw, tb = (
             torch.as_tensor(b) for b in (self.tmean, self.tscale, self.tw, self.tb)
         )
-        z = (feats - tmean) / tscale
+        z = torch.nan_to_num((feats - tmean) / tscale, nan=0.0)  # NaN: not read
         if self.thw is not None and self.thb is not None:
             z = torch.tanh(z @ torch.as_tensor(self.thw).T + torch.as_tensor(self.thb))
         z = z @ tw.T + tb
@@ -269,7 +269,7 @@ class CellScorer(nn.Module):
             maps = self.stain_maps(tiles)
         rays, response, radius = self.detect(maps, (hh, ww))
         with self._step("typing", tiles):
-            feats = cell_features(rays, response, radius)
+            feats = cell_features(rays, response, radius, self.stains.h_scale)
             cls, prob = self.classify(feats)
             keep = (cls != NONE).nonzero(as_tuple=True)[0]
             rays = _neighbours_among(rays, keep, n)
