@@ -119,15 +119,13 @@ def cell_features(
     n_valid = valid.sum(1).clamp_min(1.0)
     j = nb.clamp_min(0)
     area_ratio = ((log_area[j] - log_area.unsqueeze(1)) * valid).sum(1) / n_valid
-    h_nucleus = rays.h_nucleus
-    if rays.nucleus_dab_od is None:
-        dark_ratio = ((log_dark[j] - log_dark.unsqueeze(1)) * valid).sum(1) / n_valid
-    else:
+    # Darkness: only neighbours whose haematoxylin is read count (all, but where DAB masks it).
+    h_nucleus, seen, stained = rays.h_nucleus, valid, None
+    if rays.nucleus_dab_od is not None:
         stained = stained_nuclei(rays.nucleus_dab_od, rays.h_nucleus, h_scale)
         seen = valid * (~stained[j]).to(valid.dtype)
-        dark_ratio = ((log_dark[j] - log_dark.unsqueeze(1)) * seen).sum(1) / seen.sum(1).clamp_min(
-            1
-        )
+    dark_ratio = ((log_dark[j] - log_dark.unsqueeze(1)) * seen).sum(1) / seen.sum(1).clamp_min(1.0)
+    if stained is not None:
         dark_ratio = dark_ratio.masked_fill(stained, math.nan)
         h_nucleus = h_nucleus.masked_fill(stained, math.nan)
     return torch.stack(
