@@ -457,6 +457,45 @@ def test_granular_ki67_nucleus_gives_one_peak(monkeypatch: pytest.MonkeyPatch) -
     assert brown >= 4 and blue == 1
 
 
+def test_two_detections_of_one_nucleus_count_once() -> None:
+    """Two LoG peaks on one nucleus (a clump off its centre, a second scale) both outline the
+    whole nucleus and their outline centres meet: the weaker is a duplicate. A nucleus 1 um
+    from it is a cell of its own even with a weaker response."""
+    from pathology.scoring._measure import sample_rays
+    from pathology.scoring._model import duplicate_nuclei
+
+    mpp = 0.5
+    yy, xx = np.mgrid[0:80, 0:80] * mpp + mpp / 2
+    maps = np.zeros((1, 2, 80, 80), np.float32)
+    for cx in (16.0, 25.0):
+        maps[0, 0][(yy - 20.0) ** 2 + (xx - cx) ** 2 <= 4.0**2] = 0.6
+    yx = torch.tensor([[20.0, 14.8], [20.0, 17.2], [20.0, 25.0]])
+    rays = sample_rays(
+        torch.from_numpy(maps), mpp, torch.zeros(3, dtype=torch.long), yx, torch.full((3,), 4.0)
+    )
+    assert (rays.centre_um[0] - rays.centre_um[1]).norm() < 0.5  # both outline nucleus A
+    dup = duplicate_nuclei(rays, torch.tensor([0.5, 0.4, 0.3]))
+    assert dup.tolist() == [False, True, False]
+    dup = duplicate_nuclei(rays, torch.tensor([0.4, 0.5, 0.3]))
+    assert dup.tolist() == [True, False, False]
+
+
+def test_synthetic_nuclei_are_reported_once() -> None:
+    """On a synthetic slide with known nuclei, few hold two reported tumour or immune cells.
+    2026-11-24, p16 positive seed 5 (1280 px at 0.5 um/px, 454 such cells): 4 nuclei; 8 before
+    duplicate detections were dropped. Every detection the rule drops on the accuracy slides
+    (57) lies in the same true nucleus as the one kept. What is left is mostly elongated
+    nuclei read as two (both typed `other`, so not counted)."""
+    p = SynthParams.preset("p16_positive", width=1280, height=1280, mpp=0.5, seed=5)
+    r = render_region(p)
+    c = score_image(r.rgb, p.marker, mpp=p.mpp, device="cpu").cells
+    counted = c["type"] != 3  # all but `other`
+    lab = r.nucleus_labels[c["y"][counted].astype(int), c["x"][counted].astype(int)]
+    _, n = np.unique(lab[lab > 0], return_counts=True)
+    assert int(counted.sum()) > 400
+    assert int((n > 1).sum()) <= 4
+
+
 @pytest.mark.parametrize("r_um", [2.5, 4.0, 5.0])
 def test_a_plateau_gives_one_peak(r_um: float) -> None:
     """A disc centred on a pixel corner has a flat top of equal responses; it is one nucleus
@@ -910,7 +949,7 @@ def test_accuracy_against_synthetic_truth(preset: str, seed: int, over: dict, jp
 @pytest.mark.xfail(
     strict=True,
     reason="(2026-11-24) the linear cell-type regression types pale lymphocytes in lymphoid "
-    "clusters tumour: here immune 131 of 154 counted, 10 % allowed, tumour 419 / 394 (128 and "
+    "clusters tumour: here immune 133 of 154 counted, 10 % allowed, tumour 415 / 394 (128 and "
     "423 before DAB-masked darkness was left unread; 15 of 132 lymphocytes typed tumour); over "
     "seeds 31-36 of "
     "four presets 247 of 2,908 lymphocytes and 148 of 511 macrophages. A 16-unit hidden layer "
@@ -991,12 +1030,13 @@ def _deepliif_scored() -> list[tuple[str, dict[str, np.ndarray], object]]:
     strict=True,
     reason="(cells / GT, positive % / GT at 0.25 um/px, 2026-11-24, Ki-67 nuclei outlined on "
     "the larger of haematoxylin and DAB, DAB closed for detection, darkness of DAB-masked nuclei "
-    "unread) Lung1 63/61, 19.0/18.0 (met); BCData tumour + immune cells 22_2 112/137, 9.8/7.3 "
-    "(met); 34_3 115/100 (count met), 31.3/21.0; 6_2 56/46 (55 allowed), 50.0/47.8 (% met). "
+    "unread, second detections of a nucleus dropped) Lung1 62/61, 19.4/18.0 (met); BCData "
+    "tumour + immune cells 22_2 109/137 (110 needed), 10.1/7.3 (% met); 34_3 112/100 (count "
+    "met), 32.1/21.0; 6_2 54/46, 48.1/47.8 (met). 22_2: touching nuclei in crowded nests give "
+    "one LoG peak (model card); "
     "34_3: brown nuclei the annotators left unlabelled are "
     "counted positive (per nucleus, labelled and detected ones agree: "
-    "test_deepliif_positivity_of_matched_nuclei); 6_2: pale unlabelled nuclei in the stroma are "
-    "counted",
+    "test_deepliif_positivity_of_matched_nuclei)",
 )
 def test_deepliif_ki67_targets() -> None:
     # What the masks count, and so what is compared with them:
@@ -1028,7 +1068,8 @@ def test_bcdata_tumour_nuclei_are_typed_tumour() -> None:
     cell typing (fitted on synthetic cells) transfers; PD-L1's CPS and TPS divide by the tumour
     cells it finds too.
 
-    2026-11-24: 194 of 230 (84 %; 12 lymphocyte, 16 macrophage, 8 other), positives 45 of 52.
+    2026-11-24: 189 of 227 (83 %; 12 lymphocyte, 18 macrophage, 8 other), positives 45 of 52
+    (194 of 230 before second detections of a nucleus were dropped).
     Before Ki-67 outlines were traced on the larger of haematoxylin and DAB and the darkness of
     DAB-masked nuclei was left unread (``stained_nuclei``): 173 of 230, positives 26 of 52 (6_2:
     6 of 22, 14 typed lymphocyte); before Ki-67 nuclei were outlined on haematoxylin + DAB: 158
@@ -1055,7 +1096,7 @@ def test_deepliif_positivity_of_matched_nuclei() -> None:
     BCData tiles. This separates the stain measurement from detection and labelling scope: the
     tile-level positive % of ``test_deepliif_ki67_targets`` misses on 34_3 and 6_2 because of
     detected nuclei that carry no label, while the nuclei both sides found are called alike
-    (2026-11-24: 60 of 63 labelled positives called positive, 215 of 221 negatives negative)."""
+    (2026-11-24: 60 of 63 labelled positives called positive, 212 of 218 negatives negative)."""
     from pathology.groundtruth import match_cells
 
     table = np.zeros((2, 2), np.int64)  # rows: label positive, negative; columns: called +, -
