@@ -462,7 +462,7 @@ def test_two_detections_of_one_nucleus_count_once() -> None:
     whole nucleus and their outline centres meet: the weaker is a duplicate. A nucleus 1 um
     from it is a cell of its own even with a weaker response."""
     from pathology.scoring._measure import sample_rays
-    from pathology.scoring._model import duplicate_nuclei
+    from pathology.scoring._model import _drop_neighbours, duplicate_nuclei
 
     mpp = 0.5
     yy, xx = np.mgrid[0:80, 0:80] * mpp + mpp / 2
@@ -476,6 +476,12 @@ def test_two_detections_of_one_nucleus_count_once() -> None:
     assert (rays.centre_um[0] - rays.centre_um[1]).norm() < 0.5  # both outline nucleus A
     dup = duplicate_nuclei(rays, torch.tensor([0.5, 0.4, 0.3]))
     assert dup.tolist() == [False, True, False]
+    # The duplicate leaves the others' neighbour lists and density (what typing reads).
+    kept = _drop_neighbours(rays, dup, 1)
+    assert rays.density.tolist() == [2.0, 2.0, 2.0]
+    assert kept.density[[0, 2]].tolist() == [1.0, 1.0]
+    assert kept.nb_index[0, :2].tolist() == [2, -1] and kept.nb_index[2, :2].tolist() == [0, -1]
+    assert kept.nb_dist_um[0, 0] == rays.nb_dist_um[0][rays.nb_index[0] == 2]
     dup = duplicate_nuclei(rays, torch.tensor([0.4, 0.5, 0.3]))
     assert dup.tolist() == [True, False, False]
 
