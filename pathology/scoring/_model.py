@@ -259,6 +259,23 @@ class CellScorer(nn.Module):
         prob, cls = p.max(dim=1)
         return cls, prob
 
+    def type_cells(
+        self, rays: Rays, response: torch.Tensor, radius: torch.Tensor, n_tiles: int
+    ) -> tuple[Rays, torch.Tensor, torch.Tensor]:
+        """Type every detection of :meth:`detect`: (rays, class (K,), its probability (K,)).
+
+        A second detection of a nucleus (:func:`duplicate_nuclei`) is typed ``none`` and taken out
+        of the other cells' neighbours and density first (the typing features read them), so the
+        returned ``rays`` are those the features were computed on. ``none`` (class 4) marks what
+        is neither counted nor measured.
+        """
+        dup = duplicate_nuclei(rays, response)
+        if bool(dup.any()):
+            rays = _drop_neighbours(rays, dup, n_tiles)
+        feats = cell_features(rays, response, radius, self.stains.h_scale)
+        cls, prob = self.classify(feats)
+        return rays, cls.masked_fill(dup, NONE), prob
+
     # -- forward -----------------------------------------------------------------------------
     def forward(self, tiles: torch.Tensor) -> ScoredBatch:
         """Score a batch of tiles.
@@ -277,13 +294,7 @@ class CellScorer(nn.Module):
             maps = self.stain_maps(tiles)
         rays, response, radius = self.detect(maps, (hh, ww))
         with self._step("typing", tiles):
-            dup = duplicate_nuclei(rays, response)
-            if bool(dup.any()):
-                # Typing features read the neighbours: a nucleus's second detection is not one.
-                rays = _drop_neighbours(rays, dup, n)
-            feats = cell_features(rays, response, radius, self.stains.h_scale)
-            cls, prob = self.classify(feats)
-            cls = cls.masked_fill(dup, NONE)
+            rays, cls, prob = self.type_cells(rays, response, radius, n)
             keep = (cls != NONE).nonzero(as_tuple=True)[0]
             rays = _neighbours_among(rays, keep, n)
         with self._step("compartments", tiles):
