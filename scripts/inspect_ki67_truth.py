@@ -120,15 +120,22 @@ def explain(
     h, w = shape
     tx, ty = truth.centroid_xy[:, 0], truth.centroid_xy[:, 1]
     edge = np.minimum(np.minimum(tx, w - 1 - tx), np.minimum(ty, h - 1 - ty))
-    near_all = cKDTree(xy).query(truth.centroid_xy, distance_upper_bound=match_px)[1]
-    has = near_all < len(xy)
-    near_cls = np.where(has, cls[np.minimum(near_all, len(xy) - 1)], -1)
+    # The nearest detection (any class) within the match radius of each truth nucleus, if any.
+    if len(xy):
+        near = cKDTree(xy).query(truth.centroid_xy, distance_upper_bound=match_px)[1]
+    else:
+        near = np.zeros(truth.n_cells, np.int64)
+    has = near < len(xy)
+    near = np.minimum(near, max(len(xy) - 1, 0))
+    near_cls = np.where(has, cls[near] if len(xy) else -1, -1)
+    near_counted = has & (counted[near] if len(xy) else False)
     border = missed & (edge < border_px)
     rest = missed & ~border
     out["missed_border"] = int(border.sum())
     out["missed_typed_none"] = int((rest & (near_cls == NONE)).sum())
-    out["missed_typed_other"] = int((rest & has & (near_cls == OTHER) & (name != "Lung1")).sum())
-    out["missed_merged"] = int((rest & has & (near_cls != NONE) & (near_cls != OTHER)).sum())
+    out["missed_typed_other"] = int((rest & ~near_counted & (near_cls == OTHER)).sum())
+    # A counted cell within reach that the one-to-one matching gave to another nucleus.
+    out["missed_merged"] = int((rest & near_counted).sum())
     out["missed_undetected"] = int(missed.sum()) - sum(
         out[k]
         for k in ("missed_border", "missed_typed_none", "missed_typed_other", "missed_merged")
