@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -666,6 +668,66 @@ def test_strongly_stained_ki67_tumour_cells_stay_tumour() -> None:
     assert abs(t["immune_cells"] - v.immune_cells) <= 0.15 * v.immune_cells, (t, v)
 
 
+@pytest.mark.parametrize(
+    ("intensity", "variety"),
+    [
+        (1.6, 0.0),
+        pytest.param(
+            1.2,
+            1.0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "strong p16 with dense DAB that partly unmixes as haematoxylin (look variety): "
+                    "the whole brown cell reads as chromatin, so the haematoxylin outlines and "
+                    "typing features see big dark cells (typed macrophage, neighbour context "
+                    "skewed by extra detections between cells). 2026-11-24, seed 35: p16 71.7 % "
+                    "against 84.9 %, immune 154 / 100; seeds 31-36 -13.2 to -2.2 points, and at "
+                    "1.6 OD -24.4 to -5.8 with 2 of 6 positive regions called equivocal "
+                    "(scripts/stain_strength_sweep.py, model card)"
+                ),
+            ),
+        ),
+    ],
+    ids=["reference-look-1.6OD", "dense-DAB-look-1.2OD"],
+)
+def test_strongly_stained_p16_regions_keep_their_p16_percent(
+    intensity: float, variety: float
+) -> None:
+    """p16 fills nucleus and cytoplasm, so strong staining darkens the whole tumour cell. A
+    p16-positive region (85 % of tumour cells positive; 1024 px at 0.5 um/px, seed 35) stained
+    at ``intensity`` OD reads its p16 % within 10 % (relative) of the truth and its immune cells
+    within 15 %, and keeps its call. On the reference look this holds up to 1.6 OD; with dense
+    DAB that leaks into the haematoxylin channel (``variety``) it does not yet (strict xfail:
+    the day it passes, the xfail must go)."""
+    sweep = _script("stain_strength_sweep")
+    c = sweep.score_case(
+        "p16_positive", seed=35, intensity=intensity, variety=variety, size_px=1024, mpp=0.5
+    )
+    assert c.call_found == c.call_true == "positive", c
+    assert abs(c.readout_found - c.readout_true) <= 0.1 * c.readout_true, c
+    assert abs(c.immune_found - c.immune_true) <= 0.15 * c.immune_true, c
+
+
+def test_stain_strength_sweep_script(capsys: pytest.CaptureFixture[str]) -> None:
+    """``scripts/stain_strength_sweep.py`` prints one summary line per strength and look, with
+    the calls compared; bad lists are refused by argparse."""
+    sweep = _script("stain_strength_sweep")
+    args = ["--preset", "p16_positive", "--intensity", "0.78", "--variety", "0"]
+    assert sweep.main([*args, "--seeds", "31", "--size", "512"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    assert out[0].startswith("p16_positive DAB 0.78 OD, variety 0: tumour found/true "), out
+    assert out[0].endswith("calls wrong 0 of 1"), out
+    assert sweep.main([*args, "--seeds", "31", "--size", "512", "--per-seed"]) == 0
+    assert ", seed 31: tumour " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.main(["--intensity", "strong"])
+    assert "expected comma-separated numbers, got 'strong'" in capsys.readouterr().err
+    assert sweep.main(["--preset", "p16_bogus", "--seeds", "31"]) == 2
+    assert "unknown synth preset 'p16_bogus'" in capsys.readouterr().err
+
+
 # -- device ----------------------------------------------------------------------------------
 def test_device_resolution() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1031,16 +1093,22 @@ def _deepliif_scored() -> list[tuple[str, dict[str, np.ndarray], object]]:
     ]
 
 
-def _ki67_review_script() -> object:
+def _script(name: str) -> Any:
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "inspect_ki67_truth.py"
-    spec = importlib.util.spec_from_file_location("inspect_ki67_truth_script", path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up while the file runs
     spec.loader.exec_module(script)
     return script
+
+
+def _ki67_review_script() -> Any:
+    return _script("inspect_ki67_truth")
 
 
 def test_ki67_truth_review_sorts_every_difference() -> None:
