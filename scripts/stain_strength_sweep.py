@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pathology.calls import call_slide
+from pathology.calls import SlideCall, call_slide
 from pathology.errors import ConfigError
 from pathology.scoring import load_marker, score_image
-from pathology.synth import SynthParams, render_region
+from pathology.synth import SlideValues, SynthParams, render_region
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,13 @@ class Case:
         return self.call_found != self.call_true
 
 
-def _readout(marker: str, values: object, call: object) -> tuple[float, float]:
+def _readout(marker: str, values: SlideValues, call: SlideCall) -> tuple[float, float]:
     """(truth, found) of the marker's headline percentage: CPS for PD-L1, else % of tumour
     cells positive."""
     if marker == "pdl1":
-        return float(values.cps or 0.0), float(call.cps or 0.0)  # type: ignore[attr-defined]
-    truth = values.p16_positive_pct if marker == "p16" else values.ki67_pct  # type: ignore[attr-defined]
-    return float(truth or 0.0), float(call.positive_pct or 0.0)  # type: ignore[attr-defined]
+        return float(values.cps or 0.0), float(call.cps or 0.0)
+    truth = values.p16_positive_pct if marker == "p16" else values.ki67_pct
+    return float(truth or 0.0), float(call.positive_pct or 0.0)
 
 
 def score_case(
