@@ -17,6 +17,12 @@ Rules (the marker YAML's ``slide`` section gives the numbers):
 - ``hscore``: H-score of tumour cells; call ``high`` at ``high_hscore`` or more, else ``low``.
 - Every rule: fewer than ``min_tumor_cells`` (100) viable tumour cells -> ``not_evaluable``.
 
+QC flag ``stained_immune`` (markers with ``stained_immune_flag_pct`` > 0: p16): cells typed immune
+that meet the tumour cells' positivity rule (``immune_stained``) reach that % of all cells meeting
+it, at least :data:`STAINED_IMMUNE_MIN_CELLS`. Immune cells do not take up p16; where they seem to,
+strongly stained tumour cells were mistyped (dense DAB read as haematoxylin, model card) and the
+positive % reads low.
+
 H-score (any marker) = 1 x %1+ + 2 x %2+ + 3 x %3+ of tumour cells, binned on the scored DAB OD
 (the marker's ``intensity_bins``, QuPath defaults 0.2 / 0.4 / 0.6).
 """
@@ -28,7 +34,14 @@ from dataclasses import dataclass
 
 from pathology.scoring._markers import MarkerConfig
 
-__all__ = ["NOT_EVALUABLE", "QC_FLAGS", "SlideCall", "SlideQC", "call_slide"]
+__all__ = [
+    "NOT_EVALUABLE",
+    "QC_FLAGS",
+    "STAINED_IMMUNE_MIN_CELLS",
+    "SlideCall",
+    "SlideQC",
+    "call_slide",
+]
 
 NOT_EVALUABLE = "not_evaluable"
 
@@ -39,7 +52,13 @@ QC_FLAGS = {
     "stain_out_of_range": "the estimated stain vectors strayed too far from H-DAB; reference kept",
     "dark_background": "the glass is darker than expected (a tinted slide or a bad white balance)",
     "unreadable_tiles": "some tiles could not be decoded and were left out",
+    "stained_immune": "many cells typed immune stain as positive tumour cells do (the marker's "
+    "stained_immune_flag_pct); on p16, likely strongly stained tumour cells mistyped: the "
+    "positive % may read low, review the slide",
 }
+#: ``stained_immune`` needs at least this many such cells, so that a few cells on a small region
+#: do not raise it.
+STAINED_IMMUNE_MIN_CELLS = 20
 
 
 @dataclass(frozen=True)
@@ -120,7 +139,8 @@ def call_slide(
     ----------
     totals : mapping
         Summed per-tile counts (:data:`pathology.scoring.COUNT_NAMES`: ``tumor_cells``,
-        ``tumor_positive``, ``immune_cells``, ``immune_positive``, ``tumor_bin0`` .. ``tumor_bin3``).
+        ``tumor_positive``, ``immune_cells``, ``immune_positive``, ``tumor_bin0`` .. ``tumor_bin3``,
+        ``immune_stained``).
     marker : MarkerConfig
     qc : SlideQC, optional
         Tissue area, stain estimate and read failures, for the QC flags.
@@ -146,6 +166,14 @@ def call_slide(
         flags.append("dark_background")
     if qc.unreadable_tiles > 0:
         flags.append("unreadable_tiles")
+    i_stained = int(totals.get("immune_stained", 0))
+    flag_pct = float(marker.slide.get("stained_immune_flag_pct", 0.0))
+    if (
+        flag_pct > 0
+        and i_stained >= STAINED_IMMUNE_MIN_CELLS
+        and 100.0 * i_stained / (i_stained + t_pos) >= flag_pct
+    ):
+        flags.append("stained_immune")
 
     bin_total = sum(bins)
     h_score = None if bin_total == 0 else 100.0 * (bins[1] + 2 * bins[2] + 3 * bins[3]) / bin_total

@@ -6,7 +6,8 @@ pale and dark nuclei, cytoplasm counterstain, elongated tumour nuclei and a neut
 DAB that partly unmixes as haematoxylin, as on scanned slides), it renders one region per seed,
 scores it as ``score_image`` does and prints, per seed or summarised over the seeds: tumour and
 immune cells found / true, the marker's readout found / true (p16 % or Ki-67 index of tumour
-cells; PD-L1 TPS and CPS), and the slide call found / true.
+cells; PD-L1 TPS and CPS), the slide call found / true, and the slide's QC flags (whether the
+``stained_immune`` flag warns of a low reading where the call is wrong).
 
     python scripts/stain_strength_sweep.py --preset p16_positive --intensity 0.78,1.0,1.2
 
@@ -40,6 +41,7 @@ class Case:
     readout_found: float
     call_true: str
     call_found: str
+    qc_flags: tuple[str, ...] = ()
 
     @property
     def call_wrong(self) -> bool:
@@ -85,6 +87,7 @@ def score_case(
         # without a categorical call (Ki-67: a percentage) have none on either side.
         call_true=(v.call or "") if v.evaluable else "not_evaluable",
         call_found=call.call,
+        qc_flags=call.qc_flags,
     )
 
 
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{head}, seed {c.seed}: tumour {c.tumor_found}/{c.tumor_true}, "
                             f"immune {c.immune_found}/{c.immune_true}, readout "
                             f"{c.readout_found:.1f}/{c.readout_true:.1f} %, call "
-                            f"{c.call_found or '-'}/{c.call_true or '-'}"
+                            f"{c.call_found or '-'}/{c.call_true or '-'}, QC flags "
+                            f"{';'.join(c.qc_flags) or '-'}"
                         )
                     continue
                 tum = np.array([c.tumor_found / max(1, c.tumor_true) for c in cases])
@@ -150,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
                 diff = np.array([c.readout_found - c.readout_true for c in cases])
                 worst = cases[int(np.argmax(np.abs(diff)))]
                 wrong = sum(c.call_wrong for c in cases)
+                flagged = sum("stained_immune" in c.qc_flags for c in cases)
+                wrong_flagged = sum(c.call_wrong and "stained_immune" in c.qc_flags for c in cases)
                 print(
                     f"{head}: tumour found/true {tum.min():.2f}-{tum.max():.2f}, immune "
                     f"{imm.min():.2f}-{imm.max():.2f}, readout {diff.min():+.1f} to "
                     f"{diff.max():+.1f} points (worst seed {worst.seed}: {worst.readout_found:.1f}"
-                    f" / {worst.readout_true:.1f} %), calls wrong {wrong} of {len(cases)}",
+                    f" / {worst.readout_true:.1f} %), calls wrong {wrong} of {len(cases)}, "
+                    f"flagged stained_immune {flagged} (of the wrong calls {wrong_flagged})",
                     flush=True,
                 )
     except ConfigError as e:

@@ -322,7 +322,7 @@ def test_batch_report(tmp_path: Path) -> None:
             "tumor_cells": [12345, 800],
             "immune_cells": [300, 20],
             "evaluable": ["true", "false"],
-            "qc_flags": ["", "few_tumor_cells"],
+            "qc_flags": ["", "few_tumor_cells;stained_immune"],
             "seconds": [61.26, 30.0],
         }
     )
@@ -352,6 +352,10 @@ def test_batch_report(tmp_path: Path) -> None:
     assert base64.b64decode(embedded[1].split('"', 1)[0]) == png
     assert '<a href="#slide-1">s2</a>' in text and 'href="#slide-0"' not in text
     assert "http://" not in text and "https://" not in text  # nothing external
+    # Each QC flag raised in the run is explained once, with its slide count.
+    assert "<h2>QC flags</h2>" in text and "<code>stained_immune</code> (1 slide): " in text
+    assert "the positive % may read low, review the slide" in text
+    assert "<code>few_tumor_cells</code> (1 slide): fewer viable tumour cells" in text
 
 
 def test_batch_report_without_failures_or_slides(tmp_path: Path) -> None:
@@ -364,4 +368,5 @@ def test_batch_report_without_failures_or_slides(tmp_path: Path) -> None:
     )
     text = out.read_text(encoding="utf-8")
     assert "Failed slides" not in text and "No slide was scored" in text
+    assert "QC flags" not in text
     assert "<img" not in text

@@ -44,10 +44,17 @@ def test_builtin_markers_load_with_provenance() -> None:
     assert p16.cells["tumor"].compartments == ("nucleus", "cytoplasm")
     assert p16.cells["tumor"].combine == "all" and p16.cells["tumor"].cut == 0.4
     assert p16.slide["positive_pct"] == 70 and p16.slide["equivocal_pct"] == 50
+    assert p16.slide["stained_immune_flag_pct"] == 15
     pdl1 = load_marker("pdl1")
     assert pdl1.cells["tumor"].compartments == ("membrane",)
     assert pdl1.cells["immune"].compartments == ("membrane", "cytoplasm")
     assert pdl1.slide["rule"] == "cps" and pdl1.slide["cps_bins"] == (1.0, 20.0)
+    # Macrophages take up PD-L1 and proliferating lymphocytes Ki-67: no stained_immune flag.
+    assert (
+        pdl1.slide["stained_immune_flag_pct"]
+        == load_marker("ki67").slide["stained_immune_flag_pct"]
+        == 0
+    )
     assert len(pdl1.sha256) == 64
 
 
@@ -78,6 +85,11 @@ def test_unknown_marker_lists_known_ones() -> None:
         (
             "name: x\ncells: {tumor: {compartments: [nucleus], cut: 0.2}}\nslide: {rule: median}\n",
             "unknown slide rule 'median'",
+        ),
+        (
+            "name: x\ncells: {tumor: {compartments: [nucleus], cut: 0.2}}\n"
+            "slide: {rule: percent, stained_immune_flag_pct: 150}\n",
+            "slide.stained_immune_flag_pct must be between",
         ),
         ("name: [unclosed\n", "not valid YAML"),
     ],
@@ -709,6 +721,54 @@ def test_strongly_stained_p16_regions_keep_their_p16_percent(
     assert abs(c.immune_found - c.immune_true) <= 0.15 * c.immune_true, c
 
 
+@pytest.mark.parametrize(
+    ("intensity", "variety", "flagged"),
+    [(1.6, 0.0, False), (1.2, 1.0, True), (1.6, 1.0, True)],
+    ids=["reference-look-1.6OD", "dense-DAB-look-1.2OD", "dense-DAB-look-1.6OD"],
+)
+def test_p16_that_reads_low_under_dense_dab_is_flagged(
+    intensity: float, variety: float, flagged: bool
+) -> None:
+    """Until strong p16 under dense DAB is typed right (the strict xfail above), the slide says
+    so: its many immune-typed cells stained like positive tumour cells raise ``stained_immune``
+    (p16.yaml: 15 %), and a slide read right carries no flag. Seed 35, 1024 px: at 1.2 OD with
+    variety the p16 % reads low (2026-11-25: 71.7 % against 84.9 %), at 1.6 OD the call turns
+    equivocal (60.5 %); the reference look reads 82.9 % at 1.6 OD. Over seeds 31-36 and the five
+    p16 presets (``stain_strength_sweep.py``) the flag was on every wrong call and on no region
+    of the reference look or at 0.78 OD."""
+    sweep = _script("stain_strength_sweep")
+    c = sweep.score_case(
+        "p16_positive", seed=35, intensity=intensity, variety=variety, size_px=1024, mpp=0.5
+    )
+    assert ("stained_immune" in c.qc_flags) is flagged, c
+    if flagged:
+        assert c.readout_found < c.readout_true - 10.0, c
+        assert (c.call_found == "equivocal") is (intensity == 1.6), c
+    else:
+        assert c.call_found == c.call_true == "positive", c
+
+
+def test_stained_immune_flag_needs_share_and_cells() -> None:
+    """``call_slide`` raises ``stained_immune`` at the marker's share of stained cells typed
+    immune (p16: 15 % of those plus the positive tumour cells) and at least 20 such cells."""
+    from pathology.calls import QC_FLAGS, STAINED_IMMUNE_MIN_CELLS, call_slide
+
+    p16 = load_marker("p16")
+    base = {"tumor_cells": 1000, "tumor_positive": 680, "tumor_bin0": 300, "tumor_bin3": 700}
+
+    def flags(stained: int, marker: str = "p16") -> tuple[str, ...]:
+        return call_slide({**base, "immune_stained": stained}, load_marker(marker)).qc_flags
+
+    assert STAINED_IMMUNE_MIN_CELLS == 20 and "stained_immune" in QC_FLAGS
+    assert flags(120) == ("stained_immune",)  # 120 / 800 = 15.0 %
+    assert flags(119) == ()  # 14.9 %
+    assert flags(0) == () and call_slide(base, p16).qc_flags == ()
+    few = {"tumor_cells": 1000, "tumor_positive": 10, "immune_stained": 19}
+    assert call_slide(few, p16).qc_flags == ()  # 66 % of too few cells
+    assert call_slide({**few, "immune_stained": 20}, p16).qc_flags == ("stained_immune",)
+    assert flags(500, "pdl1") == flags(500, "ki67") == ()  # not configured: never
+
+
 def test_stain_strength_sweep_script(capsys: pytest.CaptureFixture[str]) -> None:
     """``scripts/stain_strength_sweep.py`` prints one summary line per strength and look, with
     the calls compared; bad lists are refused by argparse."""
@@ -718,9 +778,16 @@ def test_stain_strength_sweep_script(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1, out
     assert out[0].startswith("p16_positive DAB 0.78 OD, variety 0: tumour found/true "), out
-    assert out[0].endswith("calls wrong 0 of 1"), out
+    assert out[0].endswith("calls wrong 0 of 1, flagged stained_immune 0 (of the wrong calls 0)"), (
+        out
+    )
     assert sweep.main([*args, "--seeds", "31", "--size", "512", "--per-seed"]) == 0
-    assert ", seed 31: tumour " in capsys.readouterr().out
+    per_seed = capsys.readouterr().out
+    # 512 px holds 63 tumour cells: not evaluable on either side, and flagged so.
+    assert per_seed.rstrip().endswith(
+        ", seed 31: tumour 63/63, immune 23/23, readout 85.7/85.7 %, call "
+        "not_evaluable/not_evaluable, QC flags few_tumor_cells"
+    ), per_seed
     with pytest.raises(SystemExit):
         sweep.main(["--intensity", "strong"])
     assert "expected comma-separated numbers, got 'strong'" in capsys.readouterr().err

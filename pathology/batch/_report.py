@@ -130,6 +130,26 @@ def _slides_table(slides: pd.DataFrame, linked: set[int]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _flags_section(slides: pd.DataFrame) -> list[str]:
+    """What each QC flag raised in this run means, with how many slides carry it."""
+    from pathology.calls import QC_FLAGS
+
+    if "qc_flags" not in slides.columns:
+        return []
+    seen: dict[str, int] = {}
+    for value in slides["qc_flags"].map(_text):
+        for flag in filter(None, value.split(";")):
+            seen[flag] = seen.get(flag, 0) + 1
+    if not seen:
+        return []
+    items = "".join(
+        f"<li><code>{html.escape(flag)}</code> ({n} slide{'s' * (n != 1)}): "
+        f"{html.escape(QC_FLAGS.get(flag, 'see the README'))}</li>"
+        for flag, n in seen.items()
+    )
+    return ["<h2>QC flags</h2>", f"<ul>{items}</ul>"]
+
+
 def _provenance_table(provenance: dict[str, Any]) -> str:
     rows = []
     for key, value in provenance.items():
@@ -220,6 +240,7 @@ def render_batch_report(
         _provenance_table(provenance),
         "<h2>Slides</h2>",
         _slides_table(slides, set(figures)) if n_ok else "<p>No slide was scored.</p>",
+        *(_flags_section(slides) if n_ok else []),
     ]
     if failures:
         parts += _failures_section(failures)

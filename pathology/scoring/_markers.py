@@ -45,6 +45,11 @@ SLIDE_RULES: dict[str, dict[str, float]] = {
     "hscore": {"high_hscore": 200, "min_tumor_cells": 100},
 }
 _LIST_KEYS = {"cps": {"cps_bins": (1.0, 20.0)}}
+#: Slide keys every rule takes. ``stained_immune_flag_pct``: flag ``stained_immune`` (see
+#: :data:`pathology.calls.QC_FLAGS`) when cells typed immune that meet the tumour cells'
+#: positivity rule reach this % of all cells that meet it; 0 (the default) never flags. For
+#: markers that immune cells do not take up (p16), where such cells are mistyped tumour cells.
+_COMMON_KEYS = {"stained_immune_flag_pct": 0.0}
 
 #: Repository ``configs/markers`` (an editable install or a source checkout).
 _REPO_MARKERS = Path(__file__).resolve().parents[2] / "configs" / "markers"
@@ -200,10 +205,10 @@ def _slide_rule(src: str, raw: Any) -> dict[str, Any]:
         )
     defaults = SLIDE_RULES[rule]
     lists = _LIST_KEYS.get(rule, {})
-    _unknown(src, "slide", raw, {"rule", *defaults, *lists})
+    _unknown(src, "slide", raw, {"rule", *defaults, *lists, *_COMMON_KEYS})
     out: dict[str, Any] = {"rule": rule}
-    for key, default in defaults.items():
-        hi = 100000.0 if key == "min_tumor_cells" else 300.0
+    for key, default in {**defaults, **_COMMON_KEYS}.items():
+        hi = {"min_tumor_cells": 100000.0, "stained_immune_flag_pct": 100.0}.get(key, 300.0)
         out[key] = _number(src, f"slide.{key}", raw.get(key, default), 0.0, hi)
     for key, default_list in lists.items():
         vals = raw.get(key, list(default_list))

@@ -76,6 +76,7 @@ COUNT_NAMES = (
     "tumor_bin1",
     "tumor_bin2",
     "tumor_bin3",
+    "immune_stained",
 )
 #: Per-cell record fields (see :class:`ScoredBatch`).
 CELL_FIELDS = (
@@ -394,6 +395,9 @@ class CellScorer(nn.Module):
             is_t & (ibin == 1),
             is_t & (ibin == 2),
             is_t & (ibin == 3),
+            # Immune cells that stain as a positive tumour cell would (the slide QC flag
+            # ``stained_immune``: on p16, likely positive tumour cells typed immune).
+            is_i & tum_pos,
         ]
         counts = torch.zeros((n, len(cols)), dtype=torch.int64, device=dev)
         for j, m in enumerate(cols):
