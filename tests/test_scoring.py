@@ -722,6 +722,40 @@ def test_strongly_stained_p16_regions_keep_their_p16_percent(
 
 
 @pytest.mark.parametrize(
+    "variety",
+    [
+        0.0,
+        pytest.param(
+            1.0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "(2026-11-25) with look variety the per-slide DAB vector is estimated from the "
+                    "colour of the dense positive cells, which carries their neutral share and the "
+                    "cytoplasm counterstain (9 degrees from the reference here, 4.6 without "
+                    "variety); unmixed with it, a 1+ cell's DAB reads ~15 % high and crosses the "
+                    "0.4 OD cut: seed 33 p16 41.4 % against 15.1 % (15.0 % with the slide's true "
+                    "vectors), seeds 31-36 -1.2 to +26.3 points; the call (equivocal) holds"
+                ),
+            ),
+        ),
+    ],
+    ids=["reference-look", "dense-DAB-look"],
+)
+def test_weak_diffuse_p16_keeps_its_p16_percent(variety: float) -> None:
+    """A p16 region stained diffusely but weakly (``p16_weak_diffuse``: 15 % of tumour cells
+    positive at 0.78 OD, the rest 1+ just under the 0.4 OD cut; 1024 px, seed 33) reads its p16 %
+    within 3 points and is called equivocal (diffuse but weak). Strict xfail with look variety:
+    the day the stain estimate handles it, the xfail must go."""
+    sweep = _script("stain_strength_sweep")
+    c = sweep.score_case(
+        "p16_weak_diffuse", seed=33, intensity=0.78, variety=variety, size_px=1024, mpp=0.5
+    )
+    assert c.call_found == c.call_true == "equivocal", c
+    assert abs(c.readout_found - c.readout_true) <= 3.0, c
+
+
+@pytest.mark.parametrize(
     ("intensity", "variety", "flagged"),
     [(1.6, 0.0, False), (1.2, 1.0, True), (1.6, 1.0, True)],
     ids=["reference-look-1.6OD", "dense-DAB-look-1.2OD", "dense-DAB-look-1.6OD"],
