@@ -352,6 +352,26 @@ def test_real_ki67_scans_run_through_the_batch(os2_batch: dict[str, dict[str, st
         assert row["marker"] == "ki67" and row["call"] == "" and row["evaluable"] == "true"
         assert float(row["mpp"]) == pytest.approx(0.5, abs=0.01)
         assert int(row["tumor_cells"]) >= 100 and 0 < float(row["positive_pct"]) < 100
+    # Ki-67 counts any nuclear staining, so the index survives the scanners' different tone
+    # curves (measured 2026-11-24: 25.2 / 22.8 %); the intensity readouts do not (below).
+    ndpi, vsi = (float(os2_batch[s]["positive_pct"]) for s in ("OS-2-ndpi", "OS-2-vsi"))
+    assert abs(ndpi - vsi) <= 5
+
+
+@pytest.mark.realdata
+@pytest.mark.xfail(
+    strict=True,
+    reason="(2026-11-24, fifteenth session) the Olympus file stores every OD at 0.45 x the Hamamatsu one "
+    "(scripts/compare_scans.py), so its positive tumour nuclei read ~2.1 x less DAB: H-score 65.8 "
+    "against 39.3 here (at their own mpp, `score_image`: 3+ 18.1 against 0.3 % of tumour cells). Intensity cuts are absolute OD; nothing "
+    "calibrates them per scanner yet",
+)
+def test_real_ki67_scan_intensity_agreement(os2_batch: dict[str, dict[str, str]]) -> None:
+    """Same glass, two scanners: the H-score (intensity bins 0.2 / 0.4 / 0.6 OD) within 15 points,
+    about a quarter of the Hamamatsu value. The same bins carry p16's moderate-to-strong cut
+    (0.4 OD) and the EGFR example's H-score."""
+    ndpi, vsi = (float(os2_batch[s]["h_score"]) for s in ("OS-2-ndpi", "OS-2-vsi"))
+    assert abs(ndpi - vsi) <= 15, (ndpi, vsi)
 
 
 @pytest.mark.realdata

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1289,6 +1290,85 @@ def test_ki67_truth_review_runs_on_the_deepliif_tiles(capsys: pytest.CaptureFixt
         extra = sum(v for k, v in f.items() if k.startswith("extra_"))
         assert f["matched"] + missed == f["truth"] and f["matched"] + extra == f["counted"], f
     assert figures["22_2"]["missed_border"] >= 8, figures["22_2"]
+
+
+def test_compare_scans_recovers_a_tone_curve_and_a_shift() -> None:
+    """``scripts/compare_scans.py`` on a synthetic Ki-67 region and a second "scan" of it: the
+    same field at 0.6 instead of 0.5 um/px, moved by a few pixels and stored with every OD halved
+    (``I = glass (I / glass)^0.5``, a different tone curve). It finds the field and reads the OD
+    scale 0.5 in every channel and bin. Scored, the two agree on the cells and the Ki-67 index
+    (any intensity counts) but the halved DAB takes the strong (0.78 OD) positives out of 3+ and
+    halves the H-score: intensity cuts are cuts on the scanner's OD."""
+    from skimage.transform import resize
+
+    script = _script("compare_scans")
+    params = SynthParams.preset("ki67", width=960, height=960, mpp=0.5, seed=41, intensity="strong")
+    a = render_region(params).rgb
+    f = a.astype(np.float64)
+    glass = np.quantile(f.reshape(-1, 3), 0.99, axis=0)
+    b = glass * (np.clip(f, 1, None) / glass) ** 0.5
+    b = resize(b[6:, 12:], (795, 790, 3), preserve_range=True)  # (954, 948) x 5 / 6
+    b = np.clip(b, 0, 255).round().astype(np.uint8)
+    cmp = script.compare(a, 0.5, b, 0.6, marker="ki67")
+    reg = cmp.registration
+    # On B's grid A's field sits 6 / 1.2 and 12 / 1.2 px further along: moved back by that.
+    assert reg.shift_px == (pytest.approx(-5.0, abs=0.2), pytest.approx(-10.0, abs=0.2))
+    assert reg.correlation > 0.95
+    assert cmp.od_scale == pytest.approx(0.5, abs=0.03)
+    usable = [b_ for b_ in cmp.bins if b_.lo >= 0.15]
+    assert len({b_.channel for b_ in usable}) == 3 and len(usable) >= 6
+    assert all(b_.ratio == pytest.approx(0.5, abs=0.06) for b_ in usable), usable
+    ra, rb = cmp.readouts
+    # Measured: 230 / 229 tumour cells, 35.2 / 34.9 % positive, 3+ 29.6 / 0.0 %, H-score 100 / 48.
+    assert ra.mpp == 0.5 and rb.mpp == 0.6
+    assert ra.tumor_cells >= 200 and abs(ra.tumor_cells - rb.tumor_cells) <= 10, (ra, rb)
+    assert ra.positive_pct is not None and rb.positive_pct is not None
+    assert abs(ra.positive_pct - rb.positive_pct) <= 2, (ra, rb)
+    assert ra.bin_pct[3] > 20 and rb.bin_pct[3] < 2, (ra, rb)
+    assert ra.h_score is not None and rb.h_score is not None
+    assert rb.h_score < 0.6 * ra.h_score, (ra, rb)
+
+
+@pytest.mark.realdata
+def test_compare_scans_on_the_two_os2_scans(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same Ki-67 glass scanned by Hamamatsu and Olympus (``../shared``): the script finds the
+    field and reads the Olympus file's OD as 0.45 x the Hamamatsu one at every OD level and in
+    every channel (measured 2026-11-24: 0.38-0.51 per bin, one scale 0.45), a tone-curve
+    difference of about 1 / 2.2. The readouts differ accordingly (see
+    ``test_real_ki67_scan_intensity_agreement`` in ``tests/test_batch.py``)."""
+    script = _script("compare_scans")
+    os2 = "openslide-os2-ki67-crops"
+    ndpi, vsi = shared_file(f"{os2}/OS-2-ndpi.ome.tif"), shared_file(f"{os2}/OS-2-vsi.ome.tif")
+    assert script.main([str(ndpi), str(vsi)]) == 0
+    out = capsys.readouterr().out
+    assert "correlation 0.9" in out, out
+    scale = float(out.split("all channels): B = ")[1].split(" x")[0])
+    assert 0.40 <= scale <= 0.50, out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("OS-2-")]
+    assert [r[0] for r in rows] == ["OS-2-ndpi.ome.tif", "OS-2-vsi.ome.tif"]
+    h_ndpi, h_vsi = float(rows[0][-1]), float(rows[1][-1])
+    assert h_ndpi - h_vsi > 15, rows
+
+
+def test_compare_scans_refuses_a_whole_slide_and_a_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _script("compare_scans")
+    missing = tmp_path / "nope.svs"
+    assert script.main([str(missing), str(missing)]) == 2
+    assert "nope.svs" in capsys.readouterr().err
+    big = tmp_path / "big.tif"
+    import tifffile
+
+    tifffile.imwrite(
+        big,
+        np.full((64, 12_001, 3), 230, np.uint8),
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+    assert script.main([str(big), str(big)]) == 2
+    err = capsys.readouterr().err
+    assert "big.tif" in err and "too large to read whole" in err, err
 
 
 @pytest.mark.realdata
