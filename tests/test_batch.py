@@ -247,9 +247,15 @@ def test_model_fingerprint_follows_the_fitted_parameters(tmp_path: Path) -> None
     shutil.copytree(model_dir(), a)
     shutil.copytree(model_dir(), b)
     assert model_fingerprint(a) == model_fingerprint(b) == model_fingerprint()
+    # Documentation is not a result's input: editing the card, or adding notes, keeps it.
+    (b / "MODEL_CARD.md").write_text("# rewritten\n")
+    (b / "NOTES.md").write_text("reviewed\n")
+    assert model_fingerprint(b) == model_fingerprint(a)
     params = b / "cell_types.json"
     params.write_text(params.read_text().replace("0", "1", 1))
     assert model_fingerprint(b) != model_fingerprint(a)
+    (a / "extra_weights.json").write_text("{}")
+    assert model_fingerprint(a) != model_fingerprint()
     assert len(model_fingerprint(a)) == 64
 
 

@@ -64,11 +64,14 @@ def model_dir(model: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
 
 def model_fingerprint(model: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
     """SHA-256 of what a model's results depend on: the files of its folder (the fitted
-    parameters) and the source of the scoring engine (``pathology.scoring``, the physics). A
-    finished slide scored under another fingerprint is not reused: a refit or a code change that
-    can move a count makes earlier results stale."""
+    parameters; not its Markdown documentation, such as the model card) and the source of the
+    scoring engine (``pathology.scoring``, the physics). A finished slide scored under another
+    fingerprint is not reused: a refit or a code change that can move a count makes earlier
+    results stale, an edit of the model card does not."""
     engine = Path(__file__).resolve().parent
-    files = sorted(p for p in model_dir(model).resolve().rglob("*") if p.is_file())
+    files = sorted(
+        p for p in model_dir(model).resolve().rglob("*") if p.is_file() and p.suffix != ".md"
+    )
     files += sorted(engine.glob("*.py"))
     # Hashed once per version of the files (name, size, modification time).
     return _fingerprint(tuple((str(f), *_stamp(f)) for f in files))
