@@ -7,8 +7,8 @@ bins behind the H-score) mean the same on both. Two scans of one slide answer it
 
 1. Scan B's field is found in scan A (A resampled to B's microns per pixel, translation by phase
    correlation) and both are smoothed over ~1 um, so the pairs of pixels show the same tissue.
-2. Per RGB channel, optical density ``log10(glass / I)`` (glass: each scan's 99th percentile of
-   brightness) is binned on A's value and B's median read in each bin: a constant ratio means the
+2. Per RGB channel, optical density ``log10(glass / I)`` (glass: each scan's own, estimated as
+   scoring does, :func:`pathology.scoring.estimate_stains`) is binned on A's value and B's median read in each bin: a constant ratio means the
    scanners differ by one OD scale (a different tone curve: ``I_B = glass (I_A / glass)^k`` scales
    every OD by k), a ratio that moves with the OD means a non-linear response.
 3. Both scans go through :func:`pathology.scoring.score_image` with the marker and their own mpp,
@@ -84,12 +84,6 @@ class Comparison:
     readouts: tuple[ScanReadout, ScanReadout]
 
 
-def _od(img: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Per-channel OD against the scan's glass (99th percentile of each channel)."""
-    glass = np.quantile(img.reshape(-1, 3), 0.99, axis=0)
-    return np.log10(glass / np.maximum(img, 1.0))
-
-
 def register(
     a: NDArray[np.uint8], mpp_a: float, b: NDArray[np.uint8], mpp_b: float
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], Registration]:
@@ -117,10 +111,18 @@ def register(
     return a2, b2, Registration((float(shift[0]), float(shift[1])), corr)
 
 
-def od_bins(a: NDArray[np.float64], b: NDArray[np.float64]) -> tuple[list[OdBin], float]:
-    """Per-channel OD of B against A, binned on A (:data:`OD_EDGES`), and one OD scale: the
-    median of B / A over the pixels whose A OD lies in :data:`SCALE_RANGE`, all channels."""
-    oa, ob = _od(a).reshape(-1, 3), _od(b).reshape(-1, 3)
+def od_bins(
+    a: NDArray[np.float64],
+    glass_a: tuple[float, float, float],
+    b: NDArray[np.float64],
+    glass_b: tuple[float, float, float],
+) -> tuple[list[OdBin], float]:
+    """Per-channel OD of B against A, each against its own glass (as scoring estimates it),
+    binned on A (:data:`OD_EDGES`), and one OD scale: the median of B / A over the pixels whose A
+    OD lies in :data:`SCALE_RANGE`, all channels."""
+    from pathology.stain import rgb_to_od
+
+    oa, ob = rgb_to_od(a, glass_a).reshape(-1, 3), rgb_to_od(b, glass_b).reshape(-1, 3)
     out = []
     for c in range(3):
         for lo, hi in itertools.pairwise(OD_EDGES):
@@ -174,8 +176,10 @@ def compare(
     device: str = "cpu",
 ) -> Comparison:
     """Register B onto A, compare their OD per channel, and score both with ``marker``."""
+    from pathology.scoring import estimate_stains
+
     a2, b2, reg = register(a, mpp_a, b, mpp_b)
-    bins, scale = od_bins(a2, b2)
+    bins, scale = od_bins(a2, estimate_stains(a).background, b2, estimate_stains(b).background)
     return Comparison(
         registration=reg,
         bins=bins,
