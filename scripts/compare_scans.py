@@ -150,7 +150,7 @@ def readout(name: str, img: NDArray[np.uint8], mpp: float, marker: str, device: 
 
     cfg = load_marker(marker)
     res = score_image(img, cfg, mpp=mpp, device=device)
-    totals = dict(zip(res.count_names, (int(v) for v in res.counts.sum(0)), strict=True))
+    totals = res.total()
     call = call_slide(totals, cfg)
     bins = np.array([totals[f"tumor_bin{i}"] for i in range(4)], np.float64)
     pct = 100.0 * bins / bins.sum() if bins.sum() else np.zeros(4)

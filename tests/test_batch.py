@@ -367,10 +367,10 @@ def test_real_ki67_scans_run_through_the_batch(os2_batch: dict[str, dict[str, st
 @pytest.mark.realdata
 @pytest.mark.xfail(
     strict=True,
-    reason="(2026-11-24, fifteenth session) the Olympus file stores every OD at 0.47 x the Hamamatsu one "
-    "(scripts/compare_scans.py), so its positive tumour nuclei read ~2.1 x less DAB: H-score 65.8 "
-    "against 39.3 here (at their own mpp, `score_image`: 3+ 18.1 against 0.3 % of tumour cells). Intensity cuts are absolute OD; nothing "
-    "calibrates them per scanner yet",
+    reason="(2026-11-24, fifteenth session) the Olympus file stores every OD at 0.47 x the "
+    "Hamamatsu one (scripts/compare_scans.py), so its positive tumour nuclei read ~2.1 x less "
+    "DAB: H-score 65.8 against 39.3 here (at their own mpp, `score_image`: 3+ 18.1 against 0.3 % "
+    "of tumour cells). Intensity cuts are absolute OD; nothing calibrates them per scanner yet",
 )
 def test_real_ki67_scan_intensity_agreement(os2_batch: dict[str, dict[str, str]]) -> None:
     """Same glass, two scanners: the H-score (intensity bins 0.2 / 0.4 / 0.6 OD) within 15 points,
