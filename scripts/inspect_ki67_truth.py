@@ -17,7 +17,11 @@ where the differences come from:
 With ``--out``, an overlay PNG (2x) per image for review: truth circles (red positive, blue
 negative), every detection as a cross (nucleus DAB < 0.2) or square (>= 0.2), green when counted,
 grey when kept but not counted (``other`` on BCData), yellow when typed ``none``, labelled with its
-type letter (T L M F N) and nucleus DAB.
+type letter (T L M F N) and nucleus DAB. Also, for a pathologist's review, a sheet of numbered
+crops (~16 um around each difference, 3x) per image, ``<image>-review.png``, and
+``differences.csv``: one row per difference (image, id of its crop, kind, position, the truth's
+label, the nearest detection's type and nucleus DAB) with an empty ``verdict`` column to fill in
+(is it a tumour nucleus, and is it Ki-67 positive).
 
     python scripts/inspect_ki67_truth.py --out /tmp/ki67-review
 
@@ -28,6 +32,8 @@ outside the repository and must not be committed.
 from __future__ import annotations
 
 import argparse
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,25 @@ TYPE_LETTERS = "TLMFN"
 NONE, OTHER = 4, 3  # cell classes (``CELL_CLASSES``): tumour, lymphocyte, macrophage, other, none
 #: Ki-67 positive: nucleus DAB OD at or above the cut of ``configs/markers/ki67.yaml``.
 KI67_CUT = 0.2
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One difference between the counted cells and the truth nuclei of an image.
+
+    ``kind`` is one of the counts :func:`explain` prints; ``x``, ``y`` are image pixels (the truth
+    nucleus's centroid for a miss, the cell's centre for an extra); ``truth`` is the label
+    (positive, negative, or unlabelled for an extra); ``cell_type`` and ``nucleus_dab`` are those
+    of the detection (for a miss, the nearest detection within the match radius; ``-`` when none).
+    """
+
+    image: str
+    kind: str
+    x: float
+    y: float
+    truth: str
+    cell_type: str
+    nucleus_dab: float
 
 
 def cases(root: Path) -> list[tuple[str, NDArray[np.uint8], MaskCells]]:
@@ -107,8 +132,9 @@ def explain(
     dab: NDArray[np.float32],
     match_px: float,
     border_px: float,
-) -> dict[str, int]:
-    """Where counted cells and truth nuclei differ (see the module docstring), as counts."""
+) -> tuple[dict[str, int], list[Difference]]:
+    """Where counted cells and truth nuclei differ (see the module docstring): the counts per
+    kind, and every difference as a :class:`Difference` (truth nuclei first, then counted cells)."""
     from scipy.spatial import cKDTree
 
     counted = counted_types(name, cls)
@@ -152,7 +178,47 @@ def explain(
     out["extra_second_detection_neg"] = int((second & ~pos).sum())
     out["extra_unlabelled_pos"] = int((extra & ~second & pos).sum())
     out["extra_unlabelled_neg"] = int((extra & ~second & ~pos).sum())
-    return out
+
+    items: list[Difference] = []
+    kinds = {
+        "missed_border": border,
+        "missed_typed_none": rest & (near_cls == NONE),
+        "missed_typed_other": rest & ~near_counted & (near_cls == OTHER),
+        "missed_merged": rest & near_counted,
+    }
+    kinds["missed_undetected"] = missed & ~np.logical_or.reduce(list(kinds.values()))
+    for kind, sel in kinds.items():
+        for i in np.flatnonzero(sel):
+            c = int(near_cls[i])
+            items.append(
+                Difference(
+                    name,
+                    kind,
+                    float(tx[i]),
+                    float(ty[i]),
+                    "positive" if truth.positive[i] else "negative",
+                    TYPE_LETTERS[c] if c >= 0 else "-",
+                    float(dab[near[i]]) if c >= 0 else float("nan"),
+                )
+            )
+    cls_c, dab_c = cls[counted], dab[counted]
+    for kind, sel in (
+        ("extra_second_detection", second),
+        ("extra_unlabelled", extra & ~second),
+    ):
+        for i in np.flatnonzero(sel):
+            items.append(
+                Difference(
+                    name,
+                    f"{kind}_{'pos' if pos[i] else 'neg'}",
+                    float(cxy[i, 0]),
+                    float(cxy[i, 1]),
+                    "unlabelled",
+                    TYPE_LETTERS[int(cls_c[i])],
+                    float(dab_c[i]),
+                )
+            )
+    return out, items
 
 
 def overlay(
@@ -189,6 +255,62 @@ def overlay(
     im.save(path)
 
 
+#: Review crops: half-width in image pixels (~16 um at 0.25 um/px) and zoom.
+CROP_HALF_PX, CROP_ZOOM = 32, 3
+
+
+def review_sheet(rgb: NDArray[np.uint8], items: list[Difference], path: Path) -> None:
+    """A gallery of the image around each difference, numbered as the rows of the CSV
+    (:func:`write_differences`), with a cross on the difference: for a pathologist to say, per
+    crop, whether it is a tumour nucleus and whether it is Ki-67 positive."""
+    from PIL import Image, ImageDraw
+
+    side = 2 * CROP_HALF_PX * CROP_ZOOM
+    cols = 6
+    rows = max(1, -(-len(items) // cols))
+    sheet = Image.new("RGB", (cols * (side + 4), rows * (side + 18)), (255, 255, 255))
+    pad = np.pad(rgb, ((CROP_HALF_PX,) * 2, (CROP_HALF_PX,) * 2, (0, 0)), constant_values=255)
+    for k, d in enumerate(items):
+        x, y = round(d.x), round(d.y)
+        crop = pad[y : y + 2 * CROP_HALF_PX, x : x + 2 * CROP_HALF_PX]
+        tile = Image.fromarray(crop).resize((side, side), Image.Resampling.NEAREST)
+        draw = ImageDraw.Draw(tile)
+        c, s = side // 2, 8
+        draw.line([c - s, c, c + s, c], fill=(0, 255, 0), width=2)
+        draw.line([c, c - s, c, c + s], fill=(0, 255, 0), width=2)
+        ox, oy = (k % cols) * (side + 4), (k // cols) * (side + 18)
+        sheet.paste(tile, (ox, oy + 16))
+        label = f"{k + 1}: ({x}, {y}) {d.cell_type} {d.nucleus_dab:.2f}"
+        ImageDraw.Draw(sheet).text((ox + 2, oy + 2), label, fill=(0, 0, 0))
+    sheet.save(path)
+
+
+def write_differences(items: list[Difference], path: Path) -> None:
+    """Every difference as a CSV row (``id`` numbers the review sheet's crops per image), with an
+    empty ``verdict`` column for the reviewer."""
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(
+            ["image", "id", "kind", "x_px", "y_px", "truth", "cell_type", "nucleus_dab", "verdict"]
+        )
+        seen: dict[str, int] = {}
+        for d in items:
+            seen[d.image] = seen.get(d.image, 0) + 1
+            out.writerow(
+                [
+                    d.image,
+                    seen[d.image],
+                    d.kind,
+                    f"{d.x:.1f}",
+                    f"{d.y:.1f}",
+                    d.truth,
+                    d.cell_type,
+                    f"{d.nucleus_dab:.3f}",
+                    "",
+                ]
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEEPLIIF, help="deepliif-ki67-samples folder")
@@ -208,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.data}: no such folder (the DeepLIIF samples live in ../shared/data)")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+    every: list[Difference] = []
     for name, rgb, truth in cases(args.data):
         res = score_image(rgb, "ki67", mpp=args.mpp, device="cpu")
         c = res.cells
@@ -224,12 +347,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{np.bincount(c['type'], minlength=4).tolist()}"
         )
         xy, cls, dab = all_detections(rgb, args.mpp, res.extra["stains"])
-        why = explain(
+        why, items = explain(
             name, rgb.shape[:2], truth, xy, cls, dab, args.match_px, args.border_um / args.mpp
         )
         print("  " + ", ".join(f"{k} {v}" for k, v in why.items()))
+        every += items
         if args.out is not None:
             overlay(name, rgb, truth, xy, cls, dab, args.out / f"{name}.png")
+            review_sheet(rgb, items, args.out / f"{name}-review.png")
+    if args.out is not None:
+        write_differences(every, args.out / "differences.csv")
+        print(f"overlays, review sheets and differences.csv written to {args.out}")
     return 0
 
 

@@ -1247,7 +1247,7 @@ def test_ki67_truth_review_sorts_every_difference() -> None:
     )
     cls = np.array([0, 4, 3, 1, 0, 2])
     dab = np.array([0.5, 0.0, 0.0, 0.1, 0.6, 0.05], np.float32)
-    why = script.explain("22_2", (100, 100), truth, xy, cls, dab, 5.0, 3.0)
+    why, items = script.explain("22_2", (100, 100), truth, xy, cls, dab, 5.0, 3.0)
     assert why == {
         "truth": 7,
         "counted": 4,
@@ -1262,20 +1262,41 @@ def test_ki67_truth_review_sorts_every_difference() -> None:
         "extra_unlabelled_pos": 0,
         "extra_unlabelled_neg": 1,
     }
+    # The same differences one by one (the review sheet's rows): where, the label, and the
+    # nearest detection's type and nucleus DAB ("-" when nothing is within reach).
+    assert [(d.kind, d.x, d.y, d.truth, d.cell_type) for d in items] == [
+        ("missed_border", 50.0, 99.0, "negative", "-"),
+        ("missed_typed_none", 80.0, 20.0, "negative", "N"),
+        ("missed_typed_other", 20.0, 80.0, "negative", "F"),
+        ("missed_merged", 50.0, 55.0, "negative", "L"),
+        ("missed_undetected", 80.0, 80.0, "negative", "-"),
+        ("extra_second_detection_pos", 23.0, 22.0, "unlabelled", "T"),
+        ("extra_unlabelled_neg", 5.0, 50.0, "unlabelled", "M"),
+    ]
+    assert items[5].nucleus_dab == pytest.approx(0.6) and np.isnan(items[0].nucleus_dab)
     # Lung1's mask outlines every nucleus: cells typed other are counted there.
-    lung = script.explain("Lung1", (100, 100), truth, xy, cls, dab, 5.0, 3.0)
+    lung, _ = script.explain("Lung1", (100, 100), truth, xy, cls, dab, 5.0, 3.0)
     assert (lung["counted"], lung["matched"], lung["missed_typed_other"]) == (5, 3, 0)
 
 
 @pytest.mark.realdata
-def test_ki67_truth_review_runs_on_the_deepliif_tiles(capsys: pytest.CaptureFixture[str]) -> None:
+def test_ki67_truth_review_runs_on_the_deepliif_tiles(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """The review script on the shared DeepLIIF tiles: its point-5 lines count what
     ``test_deepliif_ki67_targets`` counts, and its reasons add up to the truth and the counted
     cells. 22_2's misses include truth nuclei cut by the bottom and left edges (2026-11-24: 10 of
-    36; 10 typed ``none``, 4 merged, 11 undetected)."""
+    36; 10 typed ``none``, 4 merged, 11 undetected). With ``--out`` it writes an overlay and a
+    review sheet per image and one CSV row per difference, for a pathologist's verdict."""
+    import csv
+
+    from PIL import Image
+
     script = _ki67_review_script()
-    assert script.main(["--data", str(shared_file(DEEPLIIF))]) == 0
+    assert script.main(["--data", str(shared_file(DEEPLIIF)), "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("overlays, review sheets and differences.csv written to")
+    lines = lines[:-1]
     figures = {}
     for head, detail in zip(lines[::2], lines[1::2], strict=True):
         name = head.split(":")[0]
@@ -1290,6 +1311,19 @@ def test_ki67_truth_review_runs_on_the_deepliif_tiles(capsys: pytest.CaptureFixt
         extra = sum(v for k, v in f.items() if k.startswith("extra_"))
         assert f["matched"] + missed == f["truth"] and f["matched"] + extra == f["counted"], f
     assert figures["22_2"]["missed_border"] >= 8, figures["22_2"]
+    with (tmp_path / "differences.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for name, f in figures.items():
+        mine = [r for r in rows if r["image"] == name]
+        assert [int(r["id"]) for r in mine] == list(range(1, len(mine) + 1))
+        for kind, n in f.items():
+            if kind.startswith(("missed_", "extra_")):
+                assert sum(r["kind"] == kind for r in mine) == n, (name, kind)
+        assert all(r["verdict"] == "" for r in mine)
+        with Image.open(tmp_path / f"{name}-review.png") as sheet:  # 6 crops of 192 px a row
+            assert sheet.width == 6 * 196 and sheet.height == -(-len(mine) // 6) * 210
+        with Image.open(tmp_path / f"{name}.png") as ov:
+            assert ov.size == (1024, 1024)
 
 
 def test_compare_scans_recovers_a_tone_curve_and_a_shift() -> None:
