@@ -157,15 +157,16 @@ def explain(
     near_counted = has & (counted[near] if len(xy) else False)
     border = missed & (edge < border_px)
     rest = missed & ~border
-    out["missed_border"] = int(border.sum())
-    out["missed_typed_none"] = int((rest & (near_cls == NONE)).sum())
-    out["missed_typed_other"] = int((rest & ~near_counted & (near_cls == OTHER)).sum())
-    # A counted cell within reach that the one-to-one matching gave to another nucleus.
-    out["missed_merged"] = int((rest & near_counted).sum())
-    out["missed_undetected"] = int(missed.sum()) - sum(
-        out[k]
-        for k in ("missed_border", "missed_typed_none", "missed_typed_other", "missed_merged")
-    )
+    # Each truth nucleus missed for one reason (the masks are disjoint: counted cells are never
+    # typed none, and other is counted on Lung1 only).
+    missed_by = {
+        "missed_border": border,
+        "missed_typed_none": rest & (near_cls == NONE),
+        "missed_typed_other": rest & ~near_counted & (near_cls == OTHER),
+        # A counted cell within reach that the one-to-one matching gave to another nucleus.
+        "missed_merged": rest & near_counted,
+    }
+    missed_by["missed_undetected"] = missed & ~np.logical_or.reduce(list(missed_by.values()))
     extra = np.ones(len(cxy), bool)
     extra[m.pairs[:, 0]] = False
     if len(cxy) and truth.n_cells:
@@ -174,43 +175,40 @@ def explain(
         d_truth = np.full(len(cxy), np.inf)
     second = extra & (d_truth <= match_px)
     pos = dab[counted] >= KI67_CUT
-    out["extra_second_detection_pos"] = int((second & pos).sum())
-    out["extra_second_detection_neg"] = int((second & ~pos).sum())
-    out["extra_unlabelled_pos"] = int((extra & ~second & pos).sum())
-    out["extra_unlabelled_neg"] = int((extra & ~second & ~pos).sum())
+    extra_by = {
+        "extra_second_detection_pos": second & pos,
+        "extra_second_detection_neg": second & ~pos,
+        "extra_unlabelled_pos": extra & ~second & pos,
+        "extra_unlabelled_neg": extra & ~second & ~pos,
+    }
+    out.update({k: int(v.sum()) for k, v in (missed_by | extra_by).items()})
 
     items: list[Difference] = []
-    kinds = {
-        "missed_border": border,
-        "missed_typed_none": rest & (near_cls == NONE),
-        "missed_typed_other": rest & ~near_counted & (near_cls == OTHER),
-        "missed_merged": rest & near_counted,
-    }
-    kinds["missed_undetected"] = missed & ~np.logical_or.reduce(list(kinds.values()))
-    for kind, sel in kinds.items():
+    for kind, sel in missed_by.items():
         for i in np.flatnonzero(sel):
             c = int(near_cls[i])
+            label = "positive" if truth.positive[i] else "negative"
+            near_dab = float(dab[near[i]]) if c >= 0 else float("nan")
             items.append(
                 Difference(
                     name,
                     kind,
                     float(tx[i]),
                     float(ty[i]),
-                    "positive" if truth.positive[i] else "negative",
+                    label,
                     TYPE_LETTERS[c] if c >= 0 else "-",
-                    float(dab[near[i]]) if c >= 0 else float("nan"),
+                    near_dab,
                 )
             )
     cls_c, dab_c = cls[counted], dab[counted]
-    for kind, sel in (
-        ("extra_second_detection", second),
-        ("extra_unlabelled", extra & ~second),
-    ):
+    # Second detections, then unlabelled cells, each in image order (as their crops).
+    for group in ("extra_second_detection", "extra_unlabelled"):
+        sel = extra_by[f"{group}_pos"] | extra_by[f"{group}_neg"]
         for i in np.flatnonzero(sel):
             items.append(
                 Difference(
                     name,
-                    f"{kind}_{'pos' if pos[i] else 'neg'}",
+                    f"{group}_{'pos' if pos[i] else 'neg'}",
                     float(cxy[i, 0]),
                     float(cxy[i, 1]),
                     "unlabelled",
