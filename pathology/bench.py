@@ -112,7 +112,6 @@ OPTIONAL_STAGES = (
 END_TO_END = {"end_to_end": True, "end_to_end_no_store": False}
 #: Stages compared with the classical peer.
 PEER_COMPARED = ("model", "scoring", "end_to_end", "end_to_end_no_store", "cohort")
-
 #: The ``model`` stage repeats its pass over the in-memory tiles until it has run this long
 #: (one pass of a few thousand tiles is over in ~0.1 s on a GPU: too short to time).
 MODEL_MIN_S = 2.0
